@@ -1,0 +1,60 @@
+"""Public routing ops: the one seam where the model reaches the routing implementation.
+
+Each function dispatches on ``kernels.backend()`` (``MHC_KERNELS=auto|triton|torch``) to the
+Triton implementation or to the torch reference with the same signature. Shape legend: see
+``kernels/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import kernels
+from kernels.routing import reference
+from kernels.routing.reference import GateSpec
+
+
+def _impl():
+    if kernels.backend() == "triton":
+        from kernels.routing import triton_ops  # imported lazily: triton is optional
+
+        return triton_ops
+    return reference
+
+
+def route(
+    x_TD: torch.Tensor,
+    w_DR: torch.Tensor,
+    spec: GateSpec,
+    bias_R: torch.Tensor | None = None,
+    forced_groups_TK1: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router projection + two-level selection -> ``(weights_TK, ids_TK, logits_TR)``."""
+    return _impl().route(x_TD, w_DR, spec, bias_R, forced_groups_TK1)
+
+
+def gate(
+    logits_TR: torch.Tensor,
+    spec: GateSpec,
+    bias_R: torch.Tensor | None = None,
+    forced_groups_TK1: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selection from precomputed logits -> ``(weights_TK, ids_TK)``."""
+    return _impl().gate(logits_TR, spec, bias_R, forced_groups_TK1)
+
+
+def permute(
+    x_TD: torch.Tensor, ids_TK: torch.Tensor, n_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather token copies into expert order -> ``(x_ND, order_N, counts_E)``."""
+    return _impl().permute(x_TD, ids_TK, n_experts)
+
+
+def combine(y_ND: torch.Tensor, order_N: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """Weighted combine of expert outputs back to token order -> ``y_TD``."""
+    return _impl().combine(y_ND, order_N, weights_TK)
+
+
+def grouped_mm(x_ND: torch.Tensor, w_GAB: torch.Tensor, counts_G: torch.Tensor) -> torch.Tensor:
+    """Segment-wise matmul of consecutive row blocks with per-group weights -> ``y_NB``."""
+    return _impl().grouped_mm(x_ND, w_GAB, counts_G)

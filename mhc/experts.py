@@ -1,0 +1,83 @@
+"""Expert SwiGLU MLPs with cross-domain component sharing.
+
+Experts are stored component-major: slot p = c·G + g holds expert e = g·C + c (domain g,
+component c), so the tokens of every component index c form one contiguous run once sorted by
+slot. That lets a shared projection run as one grouped matmul over C groups while the
+per-expert parts run over E groups.
+
+sharing:
+  none     gate/up/down per expert                    3·D·F per expert
+  base     gate/up shared by component c across the G domains, down per expert
+  lowrank  base gate/up + a per-expert rank-r delta (x·A_e·B_e) on each, down per expert
+
+Shape legend: N routed rows (expert-sorted), D model dim, F expert hidden, P = E slots, C
+components, r low rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.routing import ops
+from mhc.config import FFNConfig
+
+
+def expert_to_slot(ids_TK: torch.Tensor, n_domains: int, n_components: int) -> torch.Tensor:
+    """Expert id e = g·C + c → storage slot p = c·G + g."""
+    return (ids_TK % n_components) * n_domains + ids_TK // n_components
+
+
+class Experts(nn.Module):
+    def __init__(self, d_model: int, cfg: FFNConfig, init_std: float = 0.02,
+                 out_std: float = 0.02):
+        super().__init__()
+        self.cfg = cfg
+        E, C, D, Fh = cfg.n_experts, cfg.n_components, d_model, cfg.hidden
+        n_in = E if cfg.sharing == "none" else C
+        self.w_gate_PDF = nn.Parameter(torch.randn(n_in, D, Fh) * init_std)
+        self.w_up_PDF = nn.Parameter(torch.randn(n_in, D, Fh) * init_std)
+        self.w_down_PFD = nn.Parameter(torch.randn(E, Fh, D) * out_std)
+        if cfg.sharing == "lowrank":
+            r = cfg.lowrank_rank
+            # B starts at zero so every expert starts at its shared base (a standard LoRA init).
+            self.a_gate_PDr = nn.Parameter(torch.randn(E, D, r) / math.sqrt(D))
+            self.b_gate_PrF = nn.Parameter(torch.zeros(E, r, Fh))
+            self.a_up_PDr = nn.Parameter(torch.randn(E, D, r) / math.sqrt(D))
+            self.b_up_PrF = nn.Parameter(torch.zeros(E, r, Fh))
+
+    def forward(self, x_ND: torch.Tensor, counts_P: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by slot with ``counts_P`` rows per slot → outputs in the same order."""
+        cfg = self.cfg
+        if cfg.sharing == "none":
+            counts_in = counts_P
+        else:
+            counts_in = counts_P.view(cfg.n_components, cfg.n_domains).sum(1)
+        dt = x_ND.dtype
+        gate = ops.grouped_mm(x_ND, self.w_gate_PDF.to(dt), counts_in)
+        up = ops.grouped_mm(x_ND, self.w_up_PDF.to(dt), counts_in)
+        if cfg.sharing == "lowrank":
+            gate = gate + ops.grouped_mm(
+                ops.grouped_mm(x_ND, self.a_gate_PDr.to(dt), counts_P), self.b_gate_PrF.to(dt),
+                counts_P)
+            up = up + ops.grouped_mm(
+                ops.grouped_mm(x_ND, self.a_up_PDr.to(dt), counts_P), self.b_up_PrF.to(dt),
+                counts_P)
+        return ops.grouped_mm(F.silu(gate) * up, self.w_down_PFD.to(dt), counts_P)
+
+
+class DenseFFN(nn.Module):
+    """The dense baseline: one SwiGLU MLP of width ``hidden · k1 · k2`` (equal active params)."""
+
+    def __init__(self, d_model: int, hidden: int, init_std: float = 0.02, out_std: float = 0.02):
+        super().__init__()
+        self.w_gate = nn.Parameter(torch.randn(d_model, hidden) * init_std)
+        self.w_up = nn.Parameter(torch.randn(d_model, hidden) * init_std)
+        self.w_down = nn.Parameter(torch.randn(hidden, d_model) * out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        return (F.silu(x @ self.w_gate.to(dt)) * (x @ self.w_up.to(dt))) @ self.w_down.to(dt)

