@@ -25,7 +25,7 @@ LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when stopped early (stop_after_layer)
     loss: torch.Tensor | None = None  # LM loss (nats per byte) + weighted router losses
     lm_loss: torch.Tensor | None = None
     router_loss: torch.Tensor | None = None
@@ -78,10 +78,13 @@ class MHCModel(nn.Module):
         forced_domains: torch.Tensor | None = None,
         layer_hook: LayerHook | None = None,
         return_hidden: bool = False,
+        stop_after_layer: int | None = None,
     ) -> ModelOutput:
         """``domain_targets``: per-sequence labels ``(B,)`` (int, -1 = unknown) or teacher
         probabilities ``(B, G)`` for the progressive encoder (labels outside [0, G) are ignored). ``forced_domains``: ``(B,)`` or
-        ``(B, K1)`` domain ids imposed on every token of the sequence (two-level kinds)."""
+        ``(B, K1)`` domain ids imposed on every token of the sequence (two-level kinds).
+        ``stop_after_layer=i``: run blocks 0..i only and return their hidden states (no
+        logits, no loss), e.g. to read a layer's states without paying for the rest."""
         cfg = self.cfg
         B, S = idx_BS.shape
         if S > cfg.seq_len:
@@ -103,6 +106,8 @@ class MHCModel(nn.Module):
             layers.append(aux)
             if layer_hook is not None:
                 x = layer_hook(i, x)
+            if stop_after_layer == i:
+                return ModelOutput(logits=None, layers=layers, hidden=x)
         logits = self.lm_head(self.norm(x))
         out = ModelOutput(logits=logits, layers=layers, hidden=x if return_hidden else None)
         if targets_BS is not None:

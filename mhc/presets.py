@@ -68,14 +68,47 @@ def _check_keys(cls, data: dict, where: str) -> None:
 def build(data: dict) -> RunConfig:
     """A validated ``RunConfig`` from a nested dict (unknown keys are errors)."""
     _check_keys(RunConfig, data, "config")
+    data = copy.deepcopy(data)
+    _check_types(RunConfig, data, "config")
     model = dict(data.get("model", {}))
     ffn = FFNConfig(**model.pop("ffn", {}))
     return RunConfig(model=ModelConfig(ffn=ffn, **model), train=TrainConfig(**data.get("train", {})))
 
 
 def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
     value = yaml.safe_load(text)
     return text if value is None and text not in ("null", "~") else value
+
+
+def _check_types(cls, data: dict, where: str) -> None:
+    """Scalar fields must get values of the default's type (ints are accepted as floats)."""
+    defaults = {f.name: getattr(cls(), f.name) for f in fields(cls)} if cls is not RunConfig \
+        else {}
+    for key, value in data.items():
+        if key in _SECTIONS.get(cls, {}):
+            _check_types(_SECTIONS[cls][key], value, f"{where}.{key}")
+            continue
+        default = defaults.get(key)
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if ok:
+                data[key] = float(value)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        else:
+            ok = True
+        if not ok:
+            raise ValueError(f"{cls.__name__}.{key}: expected {type(default).__name__}, "
+                             f"got {value!r}")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

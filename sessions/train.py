@@ -122,7 +122,7 @@ def train(
             f"model: {run.model.ffn.kind} ffn, {count.total:,} parameters, "
             f"{count.active:,} active per token; device {device}"
         )
-    metrics = (out_dir / "metrics.jsonl").open("a")
+    metrics = (out_dir / "metrics.jsonl").open("a" if resume is not None else "w")
     tokens_per_step = t.batch_size * run.model.seq_len
     bar = tqdm(
         total=t.steps,

@@ -75,3 +75,12 @@ def test_presets_build_models(name):
     if name == "small":
         return  # ~100M parameters: construction is checked by accounting instead
     MHCModel(run.model)
+
+
+def test_override_values_are_typed():
+    run = presets.load("tiny", ["train.lr=3e-3", "model.ffn.bias_balancing=true", "lr=1"])
+    assert run.train.lr == 1.0 and isinstance(run.train.lr, float)
+    with pytest.raises(ValueError, match="TrainConfig.steps: expected int"):
+        presets.load("tiny", ["train.steps=many"])
+    with pytest.raises(ValueError, match="FFNConfig.bias_balancing: expected bool"):
+        presets.load("tiny", ["model.ffn.bias_balancing=3"])

@@ -1,0 +1,146 @@
+"""A full mHC FFN layer (route → permute → experts → combine), forward + backward, on a GPU.
+
+Uses ``mhc.moe.MHCFFN`` (the model's own layer) at T = 16384 tokens, d = 1024, E = 64
+(8 domains × 8 components, k 1×2, expert width 512, bf16 activations), and reports tokens/s for:
+
+  triton        routing ops = Triton kernels, experts = torch._grouped_mm (MHC_KERNELS=triton)
+  torch-route   routing ops = torch reference, experts = torch._grouped_mm (isolates routing)
+  torch         everything from the torch reference (experts = per-expert loop; MHC_KERNELS=torch)
+  dense         the dense SwiGLU FFN with the same active parameters (width 512·2 = 1024)
+
+Time per step = median of CUDA-event-timed iterations (fwd + bwd of a scalar loss with the
+router's aux and z losses), after warm-up. Eager mode: the layer has host syncs (the router's
+``bincount``, the reference loop's ``counts.tolist()``), so no CUDA graph.
+
+    PYTHONUNBUFFERED=1 python benchmarks/bench_moe_layer.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels.routing import ops, reference  # noqa: E402
+
+
+def _hybrid():
+    from kernels.routing import triton_ops
+
+    m = types.SimpleNamespace(**{n: getattr(reference, n) for n in
+                                 ("route", "gate", "permute", "combine")})
+    m.grouped_mm = triton_ops.grouped_mm
+    return m
+
+
+def bench_layer(layer, x, iters=20, warmup=5):
+    def step():
+        xi = x.detach().requires_grad_()
+        y, aux = layer(xi)
+        loss = y.float().square().mean() + 0.01 * aux.aux_loss + 1e-3 * aux.z_loss
+        loss.backward()
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e-3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--d", type=int, default=1024)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="kernel table of the triton variant")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_moe_layer needs a CUDA GPU")
+        return 1
+    from mhc.config import FFNConfig
+    from mhc.moe import MHCFFN
+
+    T, d = args.tokens, args.d
+    S = 2048
+    cfg = FFNConfig(kind="hierarchical", hidden=args.hidden, n_domains=8, n_components=8,
+                    k1=1, k2=2)
+    dense_cfg = FFNConfig(kind="dense", hidden=args.hidden, k1=1, k2=2)
+    torch.manual_seed(0)
+    x = torch.randn(T // S, S, d, device="cuda").bfloat16()
+    moe = MHCFFN(d, cfg).cuda()
+    dense = MHCFFN(d, dense_cfg).cuda()
+    results = {}
+    orig_impl = ops._impl
+    variants = [("triton", "triton", None), ("torch-route", "torch", _hybrid),
+                ("torch", "torch", None), ("dense", "torch", None)]
+    for name, backend, impl in variants:
+        kernels.set_backend(backend)
+        if impl is not None:
+            h = impl()
+            ops._impl = lambda h=h: h  # benchmark-only swap: reference routing, fast experts
+        layer = dense if name == "dense" else moe
+        try:
+            t = bench_layer(layer, x)
+            results[name] = dict(step_ms=t * 1e3, tokens_per_s=T / t)
+            print(f"{name:12} {t * 1e3:8.2f} ms/step  {T / t:12,.0f} tokens/s", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"{name}: failed: {type(e).__name__}: {e}"[:300])
+        finally:
+            ops._impl = orig_impl
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        kernels.set_backend("triton")
+
+        def one():
+            xi = x.detach().requires_grad_()
+            y, aux = moe(xi)
+            (y.float().square().mean() + 0.01 * aux.aux_loss + 1e-3 * aux.z_loss).backward()
+
+        one()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                one()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18,
+                                        max_name_column_width=60))
+    if "triton" in results:
+        for v in results.values():
+            v["triton_speedup"] = results["triton"]["tokens_per_s"] / v["tokens_per_s"]
+    meta = dict(gpu=torch.cuda.get_device_name(0), torch=torch.__version__, T=T, d=d,
+                hidden=args.hidden, E=64, G=8, C=8, k1=1, k2=2, dtype="bfloat16")
+    print(json.dumps(dict(meta=meta, results=results), indent=1))
+    try:
+        from benchmarks._results import append_result
+
+        row = dict(meta, results=results)
+        if os.environ.get("BENCH_GIT_SHA"):
+            row["git_sha"] = os.environ["BENCH_GIT_SHA"]
+        append_result("bench_moe_layer", row)
+    except ImportError:
+        pass
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
