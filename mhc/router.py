@@ -70,7 +70,7 @@ class Router(nn.Module):
             weights_TK, ids_TK = ops.gate(logits_TR, self.spec, bias, forced_groups_TK1)
         else:
             weights_TK, ids_TK, logits_TR = ops.route(x_TD, w, self.spec, bias, forced_groups_TK1)
-        counts_E = torch.bincount(ids_TK.reshape(-1), minlength=self.spec.n_experts)
+        counts_E = ops.expert_counts(ids_TK, self.spec.n_experts)
         domain_counts_G = counts_E.view(self.cfg.n_domains, -1).sum(1)
         aux, z = self._losses(logits_TR.float(), counts_E, domain_counts_G)
         return RouterOutput(weights_TK, ids_TK, logits_TR, aux, z, counts_E, domain_counts_G)

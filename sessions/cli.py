@@ -4,6 +4,10 @@
     engram eval CHECKPOINT                validation loss of a saved checkpoint
     engram params CONFIG [key=value ...]  total / active parameter accounting
     engram data prepare                   download and split the Shakespeare corpus
+    engram ablate [CONFIG] [key=value ...] the memory ablation on cross-session recall
+    engram run --checkpoint DIR --store DIR   recall episodes through the persistent store
+    engram traces ...                     ingest / query / list / show / export / stats /
+                                          verify / delete / reindex traces in a store
 
 CONFIG is a preset name (tiny, small, debug) or a YAML file such as configs/tiny.yaml.
 Overrides are dotted keys (model.ffn.kind=flat_moe, train.steps=100) or bare field names.
@@ -124,6 +128,104 @@ def _cmd_data(args) -> int:
     return 0
 
 
+def _memory_args(p) -> None:
+    p.add_argument("--minutes", type=float, default=8.0,
+                   help="training budget per model in minutes (default 8; 0 = run all steps)")
+    p.add_argument("--steps", type=int, default=1500, help="training steps (the LR schedule)")
+    p.add_argument("--batch-size", type=int, default=8, help="episodes per step")
+    p.add_argument("--engram", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="EngramConfig overrides, e.g. top_k=4 write_budget=0.3")
+
+
+def _engram_config(items: list[str]):
+    from engram.config import EngramConfig
+    from mhc.presets import _parse_value
+
+    values = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--engram {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        values[key] = _parse_value(text)
+    try:
+        return EngramConfig(enabled=True, **values)
+    except TypeError as err:
+        raise ValueError(f"EngramConfig: {err}") from None
+
+
+def _add_ablate(sub) -> None:
+    p = sub.add_parser("ablate", help="memory ablation on the cross-session recall task",
+                       description=(
+        "Train the memory model on recall episodes (facts stated in session 1, asked in "
+        "session 2), then evaluate the arms: no memory (module absent, trained alike), "
+        "trained-off (module present, reads off), memory on with the learned write gate at a "
+        "30% budget, a random 30%, and writing everything. Evaluation facts are never seen "
+        "in training. Writes OUT/ablation.json, OUT/ablation.md, OUT/metrics_seed*.jsonl and "
+        "the first seed's memory model to OUT/checkpoint."))
+    p.add_argument("config", nargs="?", default="tiny", help="preset or YAML (default tiny)")
+    p.add_argument("overrides", nargs="*", help="model/train key=value overrides")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
+    p.add_argument("--eval-episodes", type=int, default=200)
+    p.add_argument("--out", type=Path, default=Path("runs/ablate"))
+    p.add_argument("--quiet", action="store_true")
+    _memory_args(p)
+    p.set_defaults(func=_cmd_ablate)
+
+
+def _cmd_ablate(args) -> int:
+    from mhc import presets
+    from sessions.ablate import run_ablation
+    from sessions.memory_train import MemoryTrainConfig
+
+    run = presets.load(args.config, args.overrides)
+    cfg = MemoryTrainConfig(steps=args.steps, batch_size=args.batch_size,
+                            max_minutes=args.minutes)
+    result = run_ablation(run, _engram_config(args.engram), cfg, args.seeds, args.out,
+                          n_eval=args.eval_episodes, progress=not args.quiet)
+    print(result["table"])
+    print(f"results: {args.out / 'ablation.json'}, {args.out / 'ablation.md'}")
+    return 0
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run recall episodes through a persistent trace store",
+                       description=(
+        "Load a memory checkpoint (from `engram ablate`), and for each episode write its "
+        "session-1 traces into the store at --store (LMDB + FAISS, created if missing) and "
+        "answer its session-2 question reading from the store. Prints accuracy as JSON."))
+    p.add_argument("--checkpoint", type=Path, required=True, help="Engram checkpoint folder")
+    p.add_argument("--store", type=Path, required=True, help="trace store folder")
+    p.add_argument("--episodes", type=int, default=100)
+    p.add_argument("--memory", choices=["on", "off", "trained-off"], default=None,
+                   help="on: read the store; trained-off: module present, no reads; off: "
+                   "module removed (default: ENGRAM_ENABLED, else on)")
+    p.add_argument("--policy", choices=["budget", "threshold", "random", "all"], default=None,
+                   help="write policy (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0, help="evaluation episodes' seed")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args) -> int:
+    from dataclasses import replace
+
+    from engram.config import env_enabled
+    from engram.model import EngramModel
+    from sessions.memory_train import load_memory_model
+    from sessions.run import run_store_episodes
+
+    memory = args.memory or ("on" if env_enabled(True) else "off")
+    model, run = load_memory_model(args.checkpoint)
+    if memory == "off":  # the module absent: the backbone alone
+        plain = EngramModel(run.model, replace(model.cfg, enabled=False))
+        plain.backbone.load_state_dict(model.backbone.state_dict())
+        model = plain
+    result = run_store_episodes(model, args.store, args.episodes, memory, args.policy,
+                                seed=args.seed, progress=not args.quiet)
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="engram", description="Engram on mHC: persistent trace memory on a "
@@ -131,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_train, _add_eval, _add_params, _add_data):
+    for add in (_add_train, _add_eval, _add_params, _add_data, _add_ablate, _add_run):
         add(sub)
     return parser
 

@@ -58,3 +58,8 @@ def combine(y_ND: torch.Tensor, order_N: torch.Tensor, weights_TK: torch.Tensor)
 def grouped_mm(x_ND: torch.Tensor, w_GAB: torch.Tensor, counts_G: torch.Tensor) -> torch.Tensor:
     """Segment-wise matmul of consecutive row blocks with per-group weights -> ``y_NB``."""
     return _impl().grouped_mm(x_ND, w_GAB, counts_G)
+
+
+def expert_counts(ids_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert -> int64 ``counts_E`` (no host sync on the Triton path)."""
+    return _impl().expert_counts(ids_TK, n_experts)

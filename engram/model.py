@@ -1,0 +1,91 @@
+"""``EngramModel``: the mHC backbone plus, when enabled, the Engram memory module.
+
+* disabled (the default): no memory parameters exist and ``forward`` is the backbone's, so
+  logits are bit-identical to a plain ``MHCModel`` with the same weights;
+* enabled, ``read=False`` (``trained-off``): the module exists but reads nothing;
+* enabled, ``read=True`` (``on``): the readers at ``read_layers`` attend over retrieved traces.
+
+Traces are written from the hidden states of the first read layer, computed by the backbone
+alone (no memory read during the write pass), so a trace is a pure function of its text and
+the backbone weights: ``reindex`` can recompute it after the model changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from engram.backends import Candidates
+from engram.config import EngramConfig
+from engram.read import MemoryReader, ReadStats
+from engram.write import TraceWriter, WrittenTraces
+from mhc.config import ModelConfig
+from mhc.model import MHCModel, ModelOutput
+
+
+@dataclass
+class EngramOutput:
+    out: ModelOutput
+    reads: dict[int, ReadStats] = field(default_factory=dict)
+
+
+class EngramModel(nn.Module):
+    def __init__(self, model_cfg: ModelConfig, cfg: EngramConfig | None = None):
+        super().__init__()
+        self.cfg = cfg or EngramConfig()
+        self.backbone = MHCModel(model_cfg)  # built first: same init as a plain MHCModel
+        self.read_layers: list[int] = []
+        if self.cfg.enabled:
+            self.read_layers = self.cfg.layers(model_cfg.n_layers)
+            self.writer = TraceWriter(model_cfg.d_model, self.cfg)
+            self.readers = nn.ModuleDict(
+                {str(i): MemoryReader(model_cfg.d_model, self.cfg) for i in self.read_layers})
+
+    @property
+    def memory_enabled(self) -> bool:
+        return self.cfg.enabled
+
+    @property
+    def write_layer(self) -> int:
+        if not self.read_layers:
+            raise RuntimeError("Engram is disabled: there is no memory layer")
+        return self.read_layers[0]
+
+    def encode_traces(self, idx_NS: torch.Tensor, mask_NS: torch.Tensor | None = None,
+                      backbone_grad: bool = True) -> WrittenTraces:
+        """Run the backbone up to the memory layer and make one trace per segment
+        (``backbone_grad=False``: the backbone part runs without autograd)."""
+        with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
+            out = self.backbone(idx_NS, stop_after_layer=self.write_layer)
+        mask = torch.ones_like(idx_NS, dtype=torch.bool) if mask_NS is None else mask_NS
+        return self.writer(out.hidden, mask, idx_NS)
+
+    def forward(
+        self,
+        idx_BS: torch.Tensor,
+        targets_BS: torch.Tensor | None = None,
+        memory=None,
+        session: int = 0,
+        top_k: int | None = None,
+        **backbone_kwargs,
+    ) -> EngramOutput:
+        """``memory``: a backend (``TensorMemory`` / ``StoreMemory``) holding this batch's
+        traces; ``session``: the readers' session (they see traces of earlier sessions);
+        ``top_k``: traces per token (default ``cfg.top_k``)."""
+        k = top_k or self.cfg.top_k
+        reads: dict[int, ReadStats] = {}
+        hook = None
+        if self.cfg.enabled and self.cfg.read and memory is not None:
+            def hook(i: int, h: torch.Tensor) -> torch.Tensor:
+                if str(i) not in self.readers:
+                    return h
+                reader = self.readers[str(i)]
+                q = reader.query(h)
+                cand: Candidates = memory.retrieve(q, session, k)
+                h, reads[i] = reader(h, q, cand)
+                return h
+
+        out = self.backbone(idx_BS, targets_BS, layer_hook=hook, **backbone_kwargs)
+        return EngramOutput(out, reads)

@@ -1,0 +1,106 @@
+"""Engram read: at a chosen layer, every token retrieves its top-k traces and cross-attends
+over their tokens, with a learned null key/value (an empty memory is harmless), and the
+result is added to the residual stream through a learned tanh gate.
+
+Attention logit of query token t for trace m, trace token s, head h:
+    τ_h · cos(q_th, k_msh)  +  retrieval_scale · cos(q_t, key_m)  +  log σ(salience_m)
+over the tokens of the traces t retrieved; the token-level keys come from trace token s and the
+values from trace token s+1 (what followed: the detail to copy), its hidden state plus a
+learned embedding of its byte. Queries and memory keys share
+one projection, so the same context in a trace and in the query lines up from the start;
+the token attention is cosine (QK-norm) with a learned per-head temperature τ, which keeps it
+sharp although residual-stream states at different positions are alike.
+
+Shapes: B rows, T tokens, M candidate traces, S trace tokens, D model dim, H heads, Dh head
+dim (key), Dv head dim (value), K retrieval key dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engram.backends import Candidates
+from engram.config import EngramConfig
+
+
+@dataclass
+class ReadStats:
+    hits: float  # mean number of traces a token retrieved
+    gate: float  # tanh gate value
+    memory_mass: float  # attention mass on memory (not the null slot), mean over tokens
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """RMS-normalise the residual stream before projecting (its scale drifts with depth)."""
+    return F.rms_norm(x, (x.shape[-1],))
+
+
+class MemoryReader(nn.Module):
+    def __init__(self, d_model: int, cfg: EngramConfig):
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.heads
+        self.retrieval_query = nn.Linear(d_model, cfg.key_dim, bias=False)
+        self.token_key = nn.Linear(d_model, cfg.key_dim, bias=False)  # queries and memory keys
+        self.token_value = nn.Linear(d_model, cfg.value_dim, bias=False)
+        self.byte_value = nn.Embedding(256, cfg.value_dim)  # the byte itself, for exact copies
+        self.out = nn.Linear(cfg.value_dim, d_model, bias=False)
+        self.retrieval_scale = nn.Parameter(torch.tensor(1.0))
+        self.log_temperature = nn.Parameter(torch.full((H,), math.log(cfg.temperature_init)))
+        self.null_key = nn.Parameter(torch.randn(H, cfg.key_dim // H) / math.sqrt(cfg.key_dim // H))
+        self.null_value = nn.Parameter(torch.zeros(H, cfg.value_dim // H))
+        self.gate_param = nn.Parameter(torch.tensor(math.atanh(cfg.gate_init)))
+        for lin in (self.retrieval_query, self.token_key, self.token_value):
+            nn.init.normal_(lin.weight, std=1 / math.sqrt(d_model))
+        nn.init.normal_(self.out.weight, std=1 / math.sqrt(cfg.value_dim))
+
+    def gate(self) -> torch.Tensor:
+        return torch.tanh(self.gate_param)
+
+    def query(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        """Unit-length retrieval queries ``(B, T, K)``, matched against trace keys."""
+        return F.normalize(self.retrieval_query(_norm(h_BTD)), dim=-1)
+
+    def forward(self, h_BTD: torch.Tensor, q_BTK: torch.Tensor, cand: Candidates
+                ) -> tuple[torch.Tensor, ReadStats]:
+        cfg = self.cfg
+        B, T, D = h_BTD.shape
+        H = cfg.heads
+        dh, dv = cfg.key_dim // H, cfg.value_dim // H
+        tau = self.log_temperature.exp().to(h_BTD.dtype)[None, :, None]  # (1, H, 1)
+        q = F.normalize(self.token_key(_norm(h_BTD)).view(B, T, H, dh), dim=-1)
+        null_k = F.normalize(self.null_key, dim=-1).to(q.dtype)
+        null_logit = tau * torch.einsum("bthd,hd->bht", q, null_k)
+        M = cand.n_traces
+        if M == 0 or cand.hidden_BMSD.shape[2] < 2:
+            attn_null = torch.ones_like(null_logit)
+            mem_out = attn_null[..., None] * self.null_value.to(q.dtype)[None, :, None, :]
+            mass = 0.0
+        else:
+            hid = _norm(cand.hidden_BMSD.to(h_BTD.dtype))
+            S1 = hid.shape[2] - 1
+            mk = F.normalize(self.token_key(hid[:, :, :-1]).view(B, M, S1, H, dh), dim=-1)
+            mv = self.token_value(hid[:, :, 1:]) + self.byte_value(cand.tokens_BMS[:, :, 1:])
+            mv = mv.view(B, M, S1, H, dv)
+            valid = cand.mask_BMS[:, :, :-1] & cand.mask_BMS[:, :, 1:]  # (B, M, S1)
+            logits = tau[..., None, None] * torch.einsum("bthd,bmshd->bhtms", q, mk)
+            cos = torch.einsum("btk,bmk->btm", q_BTK, cand.key_BMK.to(q_BTK.dtype))
+            bias = self.retrieval_scale * cos + F.logsigmoid(cand.salience_BM.float())[:, None]
+            logits = logits + bias.to(logits.dtype)[:, None, :, :, None]
+            allowed = cand.selected_BTM[:, None, :, :, None] & valid[:, None, None]
+            logits = logits.masked_fill(~allowed, float("-inf")).reshape(B, H, T, M * S1)
+            full = torch.cat([logits, null_logit[..., None]], dim=-1)
+            attn = torch.softmax(full.float(), dim=-1).to(q.dtype)
+            mem_attn = attn[..., :-1].view(B, H, T, M, S1)
+            mem_out = torch.einsum("bhtms,bmshd->bhtd", mem_attn, mv)
+            mem_out = mem_out + attn[..., -1:] * self.null_value.to(q.dtype)[None, :, None, :]
+            mass = float(1 - attn[..., -1].detach().float().mean())
+        y = self.out(mem_out.permute(0, 2, 1, 3).reshape(B, T, H * dv))
+        g = self.gate()
+        hits = float(cand.selected_BTM.sum(-1).float().mean()) if M else 0.0
+        return h_BTD + g.to(h_BTD.dtype) * y, ReadStats(hits, float(g.detach()), mass)

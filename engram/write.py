@@ -1,0 +1,88 @@
+"""Engram write: turn a finished segment into a trace.
+
+For each segment (its hidden states at the memory layer):
+  * a learned attention pooling gives the trace's retrieval key (unit length, so inner
+    product and L2 rankings agree in every backend);
+  * the trace value is the segment's token-level hidden states and its bytes, kept so exact
+    details (digits, names) can be copied back at read time;
+  * a learned salience gate scores the segment; ``select`` turns scores into write decisions
+    under a budget (top fraction of a session's segments) or a threshold.
+
+Shapes: N segments, S tokens per segment, D model dim, K key dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engram.config import EngramConfig
+
+
+@dataclass
+class WrittenTraces:
+    key_NK: torch.Tensor  # unit-length retrieval keys
+    hidden_NSD: torch.Tensor  # token-level values (hidden states at the memory layer)
+    mask_NS: torch.Tensor  # valid tokens
+    salience_N: torch.Tensor  # logits of the learned write gate
+    tokens_NS: torch.Tensor  # the segment's bytes (the text), aligned with hidden_NSD
+
+
+class TraceWriter(nn.Module):
+    def __init__(self, d_model: int, cfg: EngramConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.pool_score = nn.Linear(d_model, 1)
+        self.key_proj = nn.Linear(d_model, cfg.key_dim, bias=False)
+        self.salience = nn.Linear(d_model, 1)
+        nn.init.zeros_(self.pool_score.weight)  # start as mean pooling
+        nn.init.normal_(self.key_proj.weight, std=1 / math.sqrt(d_model))
+        nn.init.zeros_(self.salience.weight)
+        nn.init.constant_(self.salience.bias, 0.0)
+
+    def forward(self, hidden_NSD: torch.Tensor, mask_NS: torch.Tensor, tokens_NS: torch.Tensor
+                ) -> WrittenTraces:
+        normed = F.rms_norm(hidden_NSD, (hidden_NSD.shape[-1],))
+        scores = self.pool_score(normed).squeeze(-1).masked_fill(~mask_NS, float("-inf"))
+        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        pooled_ND = torch.einsum("ns,nsd->nd", weights, normed)
+        key = F.normalize(self.key_proj(pooled_ND), dim=-1)
+        keep = self.cfg.max_trace_tokens
+        return WrittenTraces(key, hidden_NSD[:, -keep:], mask_NS[:, -keep:],
+                             self.salience(pooled_ND).squeeze(-1), tokens_NS[:, -keep:])
+
+    def salience_loss(self, salience_N: torch.Tensor) -> torch.Tensor:
+        """Pull the mean write probability towards the budget; what the reads need pushes
+        individual segments up."""
+        mean = torch.sigmoid(salience_N).mean()
+        return self.cfg.salience_coef * (mean - self.cfg.salience_target) ** 2
+
+
+def select(salience_N: torch.Tensor, cfg: EngramConfig, policy: str | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Write decisions (bool, N) for one session's segments.
+
+    policy: ``budget`` (top ``ceil(write_budget·N)`` by salience), ``threshold``
+    (sigmoid(salience) > write_threshold), ``random`` (the same count as budget, chosen
+    uniformly: the baseline the learned gate must beat), ``all``.
+    """
+    policy = policy or cfg.write_policy
+    n = salience_N.numel()
+    if policy == "all":
+        return torch.ones(n, dtype=torch.bool, device=salience_N.device)
+    if policy == "threshold":
+        return torch.sigmoid(salience_N) > cfg.write_threshold
+    count = min(n, math.ceil(cfg.write_budget * n))
+    if policy == "budget":
+        order = torch.sort(salience_N.detach().float(), descending=True, stable=True).indices
+    elif policy == "random":
+        order = torch.randperm(n, generator=generator).to(salience_N.device)
+    else:
+        raise ValueError(f"unknown write policy {policy!r}")
+    keep = torch.zeros(n, dtype=torch.bool, device=salience_N.device)
+    keep[order[:count]] = True
+    return keep

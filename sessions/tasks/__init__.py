@@ -1,0 +1,1 @@
+"""Multi-session tasks (each a generator of seeded episodes)."""

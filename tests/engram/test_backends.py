@@ -1,0 +1,113 @@
+"""TensorMemory and StoreMemory (a real LMDB + FAISS store) holding the same traces return the
+same top-k trace ids for exact search, and a model reading from either gives the same logits
+within tolerance; scope is respected by both."""
+
+import numpy as np
+import pytest
+import torch
+
+from engram.backends import TensorMemory
+from engram.config import EngramConfig
+from engram.model import EngramModel
+from engram.store_memory import StoreMemory
+from memory_store.store import TraceStore
+from mhc.config import FFNConfig, ModelConfig
+
+
+class NoTextEmbedder:
+    """These tests search latent space only; a fixed small text embedding keeps them fast.
+    (The real MiniLM embedder is exercised by the memory_store tests.)"""
+
+    dim = 8
+
+    def encode(self, texts):
+        return np.ones((len(texts), self.dim), dtype=np.float32) / np.sqrt(self.dim)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(d_model=32, n_layers=3, n_heads=2, seq_len=24,
+                      ffn=FFNConfig(hidden=16, n_domains=2, n_components=3, k1=1, k2=2))
+    model = EngramModel(cfg, EngramConfig(enabled=True, top_k=3, key_dim=16, value_dim=32,
+                                          heads=2))
+    with torch.no_grad():
+        for reader in model.readers.values():
+            reader.gate_param.fill_(0.5)
+            reader.null_value.normal_()
+    return model.eval()
+
+
+def _fill(model, store, B=3, n=6, S=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(32, 127, (B * n, S), generator=g)
+    tr = model.encode_traces(idx)
+    args = (tr.key_NK.view(B, n, -1), tr.hidden_NSD.view(B, n, S, -1), tr.mask_NS.view(B, n, S),
+            tr.tokens_NS.view(B, n, S), tr.salience_N.view(B, n))
+    keep = torch.rand(B, n, generator=g) < 0.7
+    tensor_mem = TensorMemory(B, 32, model.cfg.key_dim, S)
+    tensor_mem.write(*args, session=0, keep_Bn=keep)
+    store_mem = StoreMemory(store, [f"ep{b}" for b in range(B)], ["s1", "s2"], "v1")
+    ids = store_mem.write(*args, session=0, keep_Bn=keep)
+    assert len(ids) == int(keep.sum())
+    return tensor_mem, store_mem, keep
+
+
+@pytest.fixture
+def store(tmp_path):
+    with TraceStore.open(tmp_path / "store", embedder=NoTextEmbedder()) as s:
+        yield s
+
+
+def test_same_topk_ids_for_exact_search(store):
+    model = _model()
+    tensor_mem, store_mem, keep = _fill(model, store)
+    reader = next(iter(model.readers.values()))
+    q = reader.query(torch.randn(3, 10, 32))
+    a = tensor_mem.retrieve(q, session=1, k=3)
+    b = store_mem.retrieve(q, session=1, k=3)
+    for row in range(3):
+        # the store's ids, in order of slots written for this row
+        store_ids = sorted(int(i) for i in b.ids_BM[row] if i >= 0)
+        slot_of_store_id = dict(zip(store_ids, keep[row].nonzero().flatten().tolist(),
+                                    strict=True))
+        for t in range(10):
+            tensor_slots = set(a.selected_BTM[row, t].nonzero().flatten().tolist())
+            found = {slot_of_store_id[int(i)] for i in store_mem.last_ids[row][t] if i >= 0}
+            assert found == tensor_slots
+            assert len(found) == min(3, int(keep[row].sum()))
+
+
+def test_model_logits_agree_across_backends(store):
+    model = _model()
+    tensor_mem, store_mem, _ = _fill(model, store)
+    idx = torch.randint(32, 127, (3, 24))
+    with torch.no_grad():
+        plain = model(idx).out.logits
+        a = model(idx, memory=tensor_mem, session=1).out.logits
+        b = model(idx, memory=store_mem, session=1).out.logits
+    assert not torch.allclose(a, plain, atol=1e-3)  # memory changes the output
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_scope_same_session_and_other_namespaces_invisible(store):
+    model = _model()
+    _, store_mem, keep = _fill(model, store)
+    q = next(iter(model.readers.values())).query(torch.randn(3, 5, 32))
+    assert store_mem.retrieve(q, session=0, k=3).n_traces == 0  # nothing before session 0
+    cand = store_mem.retrieve(q, session=1, k=3)
+    for row in range(3):
+        ids = [int(i) for i in cand.ids_BM[row] if i >= 0]
+        assert {t.namespace for t in store.get(ids)} == {f"ep{row}"}
+
+
+def test_stale_model_version_warns_once(store):
+    model = _model()
+    _, store_mem, _ = _fill(model, store)
+    reader_mem = StoreMemory(store, store_mem.namespaces, store_mem.sessions, "v2")
+    q = next(iter(model.readers.values())).query(torch.randn(3, 4, 32))
+    with pytest.warns(UserWarning, match="stale"):
+        reader_mem.retrieve(q, session=1, k=3)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reader_mem.retrieve(q, session=1, k=3)
