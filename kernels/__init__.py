@@ -32,13 +32,18 @@ _VALID = ("auto", "triton", "torch")
 _backend: str | None = None
 
 
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _triton_usable() -> bool:
     try:
         import torch
         import triton  # noqa: F401
     except ImportError:
         return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return torch.cuda.is_available() or interpreting()
 
 
 def resolve(choice: str) -> str:

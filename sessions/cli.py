@@ -226,6 +226,36 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _add_traces(sub) -> None:
+    from memory_store.cli import add_traces_subcommands
+
+    p = sub.add_parser("traces", help="inspect and administer a trace store",
+                       description="Trace-store commands (the same as `python -m memory_store`)"
+                       ", plus `reindex`, which recomputes Engram latent keys from the stored "
+                       "text with a checkpoint.")
+    tsub = p.add_subparsers(dest="traces_command", metavar="SUBCOMMAND")
+    tsub.required = True
+    add_traces_subcommands(tsub)
+    r = tsub.add_parser("reindex", help="recompute latent keys/values from stored text",
+                        description="Re-encode every trace that has a latent key with the "
+                        "memory model in --checkpoint and replace its key, value and "
+                        "model_version (stale keys after the model changed).")
+    r.add_argument("--store", required=True, metavar="DIR", help="trace store directory")
+    r.add_argument("--checkpoint", required=True, type=Path, help="Engram checkpoint folder")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=_cmd_reindex)
+    p.set_defaults(store_cli=True)
+
+
+def _cmd_reindex(args) -> int:
+    from sessions.reindex import reindex_store
+
+    print(json.dumps(reindex_store(Path(args.store), args.checkpoint, args.batch_size,
+                                   progress=not args.quiet)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="engram", description="Engram on mHC: persistent trace memory on a "
@@ -233,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_train, _add_eval, _add_params, _add_data, _add_ablate, _add_run):
+    for add in (_add_train, _add_eval, _add_params, _add_data, _add_ablate, _add_run,
+                _add_traces):
         add(sub)
     return parser
 
@@ -241,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "store_cli", False) and args.func is not _cmd_reindex:
+        from memory_store.cli import run
+
+        return run(args)  # the store CLI's own error handling (typed errors -> exit 2)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:

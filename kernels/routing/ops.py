@@ -14,8 +14,10 @@ from kernels.routing import reference
 from kernels.routing.reference import GateSpec
 
 
-def _impl():
-    if kernels.backend() == "triton":
+def _impl(tensor: torch.Tensor):
+    """Triton for CUDA tensors (or any tensor under TRITON_INTERPRET=1), else the reference:
+    a CPU model on a GPU machine keeps working with MHC_KERNELS=auto."""
+    if kernels.backend() == "triton" and (tensor.is_cuda or kernels.interpreting()):
         from kernels.routing import triton_ops  # imported lazily: triton is optional
 
         return triton_ops
@@ -30,7 +32,7 @@ def route(
     forced_groups_TK1: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Router projection + two-level selection -> ``(weights_TK, ids_TK, logits_TR)``."""
-    return _impl().route(x_TD, w_DR, spec, bias_R, forced_groups_TK1)
+    return _impl(x_TD).route(x_TD, w_DR, spec, bias_R, forced_groups_TK1)
 
 
 def gate(
@@ -40,26 +42,26 @@ def gate(
     forced_groups_TK1: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selection from precomputed logits -> ``(weights_TK, ids_TK)``."""
-    return _impl().gate(logits_TR, spec, bias_R, forced_groups_TK1)
+    return _impl(logits_TR).gate(logits_TR, spec, bias_R, forced_groups_TK1)
 
 
 def permute(
     x_TD: torch.Tensor, ids_TK: torch.Tensor, n_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gather token copies into expert order -> ``(x_ND, order_N, counts_E)``."""
-    return _impl().permute(x_TD, ids_TK, n_experts)
+    return _impl(x_TD).permute(x_TD, ids_TK, n_experts)
 
 
 def combine(y_ND: torch.Tensor, order_N: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
     """Weighted combine of expert outputs back to token order -> ``y_TD``."""
-    return _impl().combine(y_ND, order_N, weights_TK)
+    return _impl(y_ND).combine(y_ND, order_N, weights_TK)
 
 
 def grouped_mm(x_ND: torch.Tensor, w_GAB: torch.Tensor, counts_G: torch.Tensor) -> torch.Tensor:
     """Segment-wise matmul of consecutive row blocks with per-group weights -> ``y_NB``."""
-    return _impl().grouped_mm(x_ND, w_GAB, counts_G)
+    return _impl(x_ND).grouped_mm(x_ND, w_GAB, counts_G)
 
 
 def expert_counts(ids_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Tokens routed to each expert -> int64 ``counts_E`` (no host sync on the Triton path)."""
-    return _impl().expert_counts(ids_TK, n_experts)
+    return _impl(ids_TK).expert_counts(ids_TK, n_experts)

@@ -1,0 +1,48 @@
+"""memory_store: a FAISS-indexed LMDB store of traces keyed by namespace and session.
+
+Part of "Engram on mHC". Here "Engram" is persistent trace memory (not DeepSeek's hashed
+N-gram table) and "mHC" is Mixture-of-Hierarchical-Components (not DeepSeek's
+Manifold-Constrained Hyper-Connections). This package never imports model code.
+
+    from memory_store import TraceStore, Trace, Scope
+    with TraceStore.open("runs/store", latent_dim=64) as store:
+        ids = store.add([Trace("user1", "s1", "text", latent_key=k, latent_value=v)])
+        scores, ids = store.search_latent(queries, Scope("user1", before="s2"), k=8)
+        hits = store.search("what did I say about X?", "user1")   # hybrid text search
+
+Modules: ``errors`` (typed errors), ``records`` (Trace + codec), ``layout`` (LMDB layout),
+``index`` (FAISS / exact scoped vector index), ``lexical`` (BM25), ``documents`` (indexed text),
+``embedder`` (offline MiniLM), ``scope`` (Scope, Hit), ``store`` / ``search`` /
+``maintenance`` (TraceStore), ``cli`` (``python -m memory_store``, ``engram traces``).
+"""
+
+from .documents import TextConfig
+from .errors import (
+                     CorruptStoreError,
+                     DimensionError,
+                     FormatVersionError,
+                     InvalidInputError,
+                     InvalidNameError,
+                     NonFiniteError,
+                     NotAStoreError,
+                     ReadOnlyError,
+                     StoreError,
+                     TextError,
+                     UnknownNamespaceError,
+                     UnknownSessionError,
+                     UnknownTraceError,
+                     WriterLockedError,
+)
+from .index import IndexConfig
+from .maintenance import VerifyReport
+from .records import Trace
+from .scope import Hit, Scope, SessionInfo
+from .store import TraceStore
+
+__all__ = [
+    "TraceStore", "Trace", "Scope", "Hit", "SessionInfo", "IndexConfig", "TextConfig",
+    "VerifyReport", "StoreError", "InvalidInputError", "DimensionError", "NonFiniteError",
+    "TextError", "InvalidNameError", "UnknownNamespaceError", "UnknownSessionError",
+    "UnknownTraceError", "NotAStoreError", "ReadOnlyError", "FormatVersionError",
+    "WriterLockedError", "CorruptStoreError",
+]

@@ -1,0 +1,59 @@
+"""``engram traces reindex``: recompute Engram latent keys and values from stored text.
+
+Latent keys depend on the weights that made them (stale keys are a known failure of memory
+models). Every trace keeps its text, and Engram's traces are a function of text and backbone
+(``EngramModel.encode_traces``), so a new checkpoint can re-key a whole store: for each trace
+that has a latent key, re-encode its bytes, then replace key, value and ``model_version``
+(plus salience) in one store transaction per batch. Traces without latent keys are skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from memory_store.store import TraceStore
+from sessions.memory_train import load_memory_model, model_version
+
+
+@torch.no_grad()
+def reindex_store(store_dir: Path, checkpoint: Path, batch_size: int = 64,
+                  progress: bool = True) -> dict:
+    model, _ = load_memory_model(checkpoint)
+    model.eval()
+    if not model.memory_enabled:
+        raise ValueError(f"{checkpoint}: the model has no memory module to make keys with")
+    version = model_version(model)
+    seq_len = model.backbone.cfg.seq_len
+    done = skipped = 0
+    with TraceStore.open(store_dir, create=False) as store:
+        ids = [i for ns in store.namespaces() for info in store.sessions(ns)
+               for i in store._members(ns, info.session)]
+        bar = tqdm(total=len(ids), disable=not progress, desc="reindex")
+        for start in range(0, len(ids), batch_size):
+            traces = [t for t in store.get(ids[start:start + batch_size])
+                      if store.latent_values([t.id])[0] is not None]
+            skipped += min(batch_size, len(ids) - start) - len(traces)
+            if traces:
+                raw = [t.text.encode("utf-8")[-seq_len:] for t in traces]
+                width = max(len(r) for r in raw)
+                idx = torch.zeros(len(raw), width, dtype=torch.long)
+                mask = torch.zeros(len(raw), width, dtype=torch.bool)
+                for j, r in enumerate(raw):  # right-aligned, as StoreMemory reads them
+                    idx[j, width - len(r):] = torch.tensor(list(r))
+                    mask[j, width - len(r):] = True
+                tr = model.encode_traces(idx, mask)
+                for j, t in enumerate(traces):
+                    n = int(tr.mask_NS[j].sum())
+                    store.update_latents(
+                        [t.id], tr.key_NK[j:j + 1].numpy(),
+                        [tr.hidden_NSD[j, -n:].float().numpy()],
+                        {"model_version": version, "salience": float(tr.salience_N[j]),
+                         "tokens": n, "bytes": tr.tokens_NS[j, -n:].tolist()})
+                done += len(traces)
+            bar.update(min(batch_size, len(ids) - start))
+        bar.close()
+        store.flush()
+    return {"reindexed": done, "skipped_without_latent": skipped, "model_version": version}
