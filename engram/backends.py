@@ -7,7 +7,10 @@
 
 Both return ``Candidates``: for each batch row the traces any of its tokens retrieved, and for
 each token which of them are in its own top-k. Scope: a reader in session ``s`` sees only
-traces of sessions before ``s`` of its own namespace.
+traces of sessions before ``s`` of its own namespace. Ranking score of trace m for query q:
+``q·key_m + log σ(salience_m)`` — relevance plus the write gate's prior — computed as one
+inner product of augmented vectors (``retrieval_key``/``retrieval_query``), so a vector
+index ranks exactly as the tensor backend does.
 
 Shapes: B rows, T query tokens, M candidate traces, S tokens per trace, D model dim, K key dim.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -32,6 +36,17 @@ class Candidates:
     @property
     def n_traces(self) -> int:
         return self.key_BMK.shape[1]
+
+
+def retrieval_key(key_NK: torch.Tensor, salience_N: torch.Tensor) -> torch.Tensor:
+    """``[key, log σ(salience)]``: the vector a trace is indexed by."""
+    prior = F.logsigmoid(salience_N.float()).to(key_NK.dtype)
+    return torch.cat([key_NK, prior[..., None]], dim=-1)
+
+
+def retrieval_query(q_TK: torch.Tensor) -> torch.Tensor:
+    """``[q, 1]``: inner product with ``retrieval_key`` = relevance + salience prior."""
+    return torch.cat([q_TK, torch.ones_like(q_TK[..., :1])], dim=-1)
 
 
 def topk_selection(scores_BTM: torch.Tensor, eligible_BM: torch.Tensor, k: int) -> torch.Tensor:
@@ -89,7 +104,8 @@ class TensorMemory:
 
     def retrieve(self, query_BTK: torch.Tensor, session: int, k: int) -> Candidates:
         eligible = self.valid_BM & (self.session_BM < session)
-        scores = torch.einsum("btk,bmk->btm", query_BTK.float(), self.key_BMK.float())
+        scores = torch.einsum("btk,bmk->btm", retrieval_query(query_BTK.float()),
+                              retrieval_key(self.key_BMK.float(), self.salience_BM.float()))
         selected = topk_selection(scores, eligible, k)
         ids = torch.arange(self.size, device=query_BTK.device).expand(self.B, -1)
         ids = ids.masked_fill(~eligible, -1)

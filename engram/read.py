@@ -3,13 +3,15 @@ over their tokens, with a learned null key/value (an empty memory is harmless), 
 result is added to the residual stream through a learned tanh gate.
 
 Attention logit of query token t for trace m, trace token s, head h:
-    τ_h · cos(q_th, k_msh)  +  retrieval_scale · cos(q_t, key_m)  +  log σ(salience_m)
+    τ_h · cos(q_th, k_msh)  +  retrieval_scale · cos(q_t, key_m)
 over the tokens of the traces t retrieved; the token-level keys come from trace token s and the
 values from trace token s+1 (what followed: the detail to copy), its hidden state plus a
 learned embedding of its byte. Queries and memory keys share
 one projection, so the same context in a trace and in the query lines up from the start;
 the token attention is cosine (QK-norm) with a learned per-head temperature τ, which keeps it
-sharp although residual-stream states at different positions are alike.
+sharp although residual-stream states at different positions are alike. A trace's values are
+scaled by σ(salience_m): how much a trace can contribute is what trains the write gate (a
+bias on the attention logits would stop mattering once attention is sharp).
 
 Shapes: B rows, T tokens, M candidate traces, S trace tokens, D model dim, H heads, Dh head
 dim (key), Dv head dim (value), K retrieval key dim.
@@ -86,11 +88,12 @@ class MemoryReader(nn.Module):
             S1 = hid.shape[2] - 1
             mk = F.normalize(self.token_key(hid[:, :, :-1]).view(B, M, S1, H, dh), dim=-1)
             mv = self.token_value(hid[:, :, 1:]) + self.byte_value(cand.tokens_BMS[:, :, 1:])
-            mv = mv.view(B, M, S1, H, dv)
+            weight = torch.sigmoid(cand.salience_BM.float()).to(mv.dtype)  # (B, M)
+            mv = (mv * weight[:, :, None, None]).view(B, M, S1, H, dv)
             valid = cand.mask_BMS[:, :, :-1] & cand.mask_BMS[:, :, 1:]  # (B, M, S1)
             logits = tau[..., None, None] * torch.einsum("bthd,bmshd->bhtms", q, mk)
             cos = torch.einsum("btk,bmk->btm", q_BTK, cand.key_BMK.to(q_BTK.dtype))
-            bias = self.retrieval_scale * cos + F.logsigmoid(cand.salience_BM.float())[:, None]
+            bias = self.retrieval_scale * cos
             logits = logits + bias.to(logits.dtype)[:, None, :, :, None]
             allowed = cand.selected_BTM[:, None, :, :, None] & valid[:, None, None]
             logits = logits.masked_fill(~allowed, float("-inf")).reshape(B, H, T, M * S1)

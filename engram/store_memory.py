@@ -1,7 +1,8 @@
 """``StoreMemory``: Engram's persistent backend on ``memory_store.TraceStore`` (latent space).
 
 Each batch row reads and writes one namespace. A write persists, per kept segment, a
-``Trace`` with the retrieval key as ``latent_key``, the token-level hidden states as
+``Trace`` with the retrieval key (plus its salience prior, see ``backends.retrieval_key``) as
+``latent_key``, the token-level hidden states as
 ``latent_value``, the segment's text (so keys can be recomputed when the model changes; the
 store embeds it for people's text queries), and meta: salience, valid-token count, model
 version and time. A read is one batched, scoped, exact latent search per row (all its query
@@ -21,7 +22,7 @@ import warnings
 import numpy as np
 import torch
 
-from engram.backends import Candidates
+from engram.backends import Candidates, retrieval_key, retrieval_query
 from memory_store.records import Trace
 from memory_store.scope import Scope
 
@@ -64,7 +65,8 @@ class StoreMemory:
                 valid = int(mask_BnS[b, j].sum())
                 traces.append(Trace(
                     namespace=self.namespaces[b], session=self.sessions[session], text=texts[b][j],
-                    step=j, latent_key=key_BnK[b, j].detach().float().cpu().numpy(),
+                    step=j, latent_key=retrieval_key(key_BnK[b, j].detach().float(),
+                                                     salience_Bn[b, j].detach()).cpu().numpy(),
                     latent_value=hidden_BnSD[b, j, -valid:].detach().float().cpu().numpy(),
                     meta={"salience": float(salience_Bn[b, j].detach()), "model_version":
                           self.model_version, "time": now, "tokens": valid,
@@ -82,7 +84,7 @@ class StoreMemory:
 
     def retrieve(self, query_BTK: torch.Tensor, session: int, k: int) -> Candidates:
         B, T, K = query_BTK.shape
-        q = query_BTK.detach().float().cpu().numpy()
+        q = retrieval_query(query_BTK.detach().float()).cpu().numpy()
         rows, self.last_ids = [], []
         for b in range(B):
             scope = self._scope(b, session)
@@ -113,7 +115,7 @@ class StoreMemory:
             for m, tr in enumerate(traces):
                 self._check_version(tr)
                 n = tr.latent_value.shape[0]
-                key[b, m] = torch.from_numpy(tr.latent_key)
+                key[b, m] = torch.from_numpy(tr.latent_key[:K])  # without the prior column
                 hidden[b, m, S - n:] = torch.from_numpy(tr.latent_value)  # right-aligned
                 mask[b, m, S - n:] = True
                 tokens[b, m, S - n:] = torch.tensor(tr.meta["bytes"], dtype=torch.long)

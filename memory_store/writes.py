@@ -21,8 +21,15 @@ from . import layout as L
 from .documents import document
 from .errors import InvalidInputError, UnknownSessionError, UnknownTraceError
 from .index import SpaceIndex
-from .records import (Trace, _decode, as_matrix, check_name, check_value, encode_record,
-                      validate_batch)
+from .records import (
+    Trace,
+    _decode,
+    as_matrix,
+    check_name,
+    check_value,
+    encode_record,
+    validate_batch,
+)
 
 SPACES = ("text", "latent")
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from mhc.attention import CausalSelfAttention, RMSNorm, rope_tables
 from mhc.config import ModelConfig
-from mhc.moe import FFNAux, MHCFFN
+from mhc.moe import MHCFFN, FFNAux
 from mhc.router import DomainEncoder
 
 LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
@@ -81,8 +81,9 @@ class MHCModel(nn.Module):
         stop_after_layer: int | None = None,
     ) -> ModelOutput:
         """``domain_targets``: per-sequence labels ``(B,)`` (int, -1 = unknown) or teacher
-        probabilities ``(B, G)`` for the progressive encoder (labels outside [0, G) are ignored). ``forced_domains``: ``(B,)`` or
-        ``(B, K1)`` domain ids imposed on every token of the sequence (two-level kinds).
+        probabilities ``(B, G)`` for the progressive encoder (labels outside [0, G) are
+        ignored). ``forced_domains``: ``(B,)`` or ``(B, K1)`` domain ids imposed on every token
+        of the sequence (two-level kinds).
         ``stop_after_layer=i``: run blocks 0..i only and return their hidden states (no
         logits, no loss), e.g. to read a layer's states without paying for the rest."""
         cfg = self.cfg

@@ -72,7 +72,8 @@ def build(data: dict) -> RunConfig:
     _check_types(RunConfig, data, "config")
     model = dict(data.get("model", {}))
     ffn = FFNConfig(**model.pop("ffn", {}))
-    return RunConfig(model=ModelConfig(ffn=ffn, **model), train=TrainConfig(**data.get("train", {})))
+    return RunConfig(model=ModelConfig(ffn=ffn, **model),
+                     train=TrainConfig(**data.get("train", {})))
 
 
 def _parse_value(text: str) -> Any:

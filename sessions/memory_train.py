@@ -4,7 +4,7 @@ One training step: encode every session-1 segment of a batch of episodes into tr
 (differentiable), hold them in a ``TensorMemory`` (one namespace per batch row), run the
 session-2 question reading from that memory, and minimise the language-model loss on the
 question (plus an extra term on the answer digits) and the write-gate budget loss. During
-training every segment is written softly (its salience enters the read as log σ(s)); at
+training every segment is written softly (its values enter the read scaled by σ(s)); at
 evaluation the write policy decides hard: the learned gate under a 30% budget, a random 30%,
 everything, or nothing read at all.
 """
@@ -66,7 +66,8 @@ def build_memory(model: EngramModel, batch: RecallBatch, policy: str = "all",
         keep = torch.stack([select(sal_BN[b], model.cfg, policy, generator) for b in range(B)])
     mem = TensorMemory(B, traces.hidden_NSD.shape[-1], model.cfg.key_dim,
                        traces.hidden_NSD.shape[1], device, traces.hidden_NSD.dtype)
-    mem.write(traces.key_NK.view(B, N, -1), traces.hidden_NSD.view(B, N, *traces.hidden_NSD.shape[1:]),
+    hidden = traces.hidden_NSD
+    mem.write(traces.key_NK.view(B, N, -1), hidden.view(B, N, *hidden.shape[1:]),
               traces.mask_NS.view(B, N, -1), traces.tokens_NS.view(B, N, -1), sal_BN, session=0,
               keep_Bn=keep)
     return mem

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from engram.backends import retrieval_key
 from memory_store.store import TraceStore
 from sessions.memory_train import load_memory_model, model_version
 
@@ -48,7 +49,7 @@ def reindex_store(store_dir: Path, checkpoint: Path, batch_size: int = 64,
                 for j, t in enumerate(traces):
                     n = int(tr.mask_NS[j].sum())
                     store.update_latents(
-                        [t.id], tr.key_NK[j:j + 1].numpy(),
+                        [t.id], retrieval_key(tr.key_NK[j:j + 1], tr.salience_N[j:j + 1]).numpy(),
                         [tr.hidden_NSD[j, -n:].float().numpy()],
                         {"model_version": version, "salience": float(tr.salience_N[j]),
                          "tokens": n, "bytes": tr.tokens_NS[j, -n:].tolist()})

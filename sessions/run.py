@@ -34,8 +34,8 @@ def run_store_episodes(model: EngramModel, store_dir: Path, episodes: int, memor
     version = model_version(model) if model.memory_enabled else "none"
     correct = written = 0
     began = time.perf_counter()
-    with TraceStore.open(store_dir, latent_dim=model.cfg.key_dim if model.memory_enabled
-                         else None) as store:
+    latent_dim = model.cfg.key_dim + 1 if model.memory_enabled else None  # + salience prior
+    with TraceStore.open(store_dir, latent_dim=latent_dim) as store:
         for start in tqdm(range(0, episodes, batch_size), disable=not progress, desc="episodes"):
             batch = task.batch(start, min(batch_size, episodes - start))
             B, N, S = batch.write_BNS.shape

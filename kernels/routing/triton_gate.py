@@ -22,9 +22,11 @@ Four layers: ``_gate_fwd_kernel`` / ``_route_fwd_kernel`` / ``_gate_bwd_kernel``
 z losses), and ``gate`` / ``route`` (public, same signatures as the reference).
 
 ``route`` on CUDA defaults to the projection through cuBLAS + the gate kernel (two launches);
-``route(..., fused=True)`` (or ``MHC_ROUTE_FUSED=1``) uses the one-kernel projection + selection.
-On the H100 the pair measured faster (26.9 vs 86.5 µs at T=16384, E=256, d=1024; see
-docs/benchmarks.md and docs/kernels_notes.md).
+``route(..., fused=True)`` (or ``MHC_ROUTE_FUSED=1``) uses the one-kernel projection + selection
+of ``triton_route.route_fwd_v3``. On the H100 the pair measured faster at E=256 (26.9 vs
+33.6 µs at T=16384, d=1024) and equal within 2 % at E=64 (docs/benchmarks.md,
+docs/kernels_notes.md). ``route_fwd`` / ``_route_fwd_kernel`` below is the earlier one-kernel
+version (v2), kept for comparison: its wgmma launch configs miscompute the domain logits.
 """
 
 from __future__ import annotations
@@ -164,6 +166,9 @@ def _select_two_level(
         else:
             m = tl.max(selg, axis=1)
             gi = tl.min(tl.where(selg == m[:, None], gw, BIG), axis=1)
+            # NaN logits match nothing (gi = BIG): clamp so the component-row load below
+            # stays inside the token's row (unclamped it read from a wild address).
+            gi = tl.minimum(gi, G - 1)
             selg = tl.where(gw == gi[:, None], float("-inf"), selg)
         pgi = tl.sum(tl.where(gw == gi[:, None], pg, 0.0), axis=1)
         col = G + gi[:, None] * C + c2
@@ -176,7 +181,7 @@ def _select_two_level(
         rsel = tl.where(cmask, rsel, float("-inf"))
         for j in tl.static_range(K2):
             m2 = tl.max(rsel, axis=1)
-            ci = tl.min(tl.where(rsel == m2[:, None], c2, BIG), axis=1)
+            ci = tl.minimum(tl.min(tl.where(rsel == m2[:, None], c2, BIG), axis=1), C - 1)
             pci = tl.sum(tl.where(c2 == ci[:, None], rp, 0.0), axis=1)
             rsel = tl.where(c2 == ci[:, None], float("-inf"), rsel)
             w_acc = tl.where(kk == i * K2 + j, (pgi * pci)[:, None], w_acc)
@@ -463,8 +468,9 @@ def route_fwd(x_TD, w_DR, spec: GateSpec, bias_R=None, forced_groups_TK1=None, b
         w_DR = w_DR.contiguous()
     m = _meta(spec)
     # 64 tokens × 8 warps: the GEMM phase runs on mma.sync. Configs that let Triton 3.6 pick
-    # wgmma for this kernel (≥ 64 tokens per warpgroup, e.g. 64 × 4 warps) gave wrong logits
-    # on the H100 (docs/kernels_notes.md), so the default stays below that.
+    # wgmma for this kernel (≥ 64 tokens per warpgroup, e.g. 64 × 4 warps) gave wrong domain
+    # logits on the H100 (docs/kernels_notes.md: most likely w's run-time row stride, not a
+    # multiple of 16, leaves the [BK, 16] domain tile unaligned); route_fwd_v3 avoids it.
     nw = num_warps or 8
     bt = block_t or 64
     bk = block_k or 64
@@ -525,7 +531,9 @@ class RouteFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, w_DR, spec, bias_R, forced_groups_TK1, fused):
         if fused:
-            w_TK, ids_TK, logits_TR = route_fwd(x_TD, w_DR, spec, bias_R, forced_groups_TK1)
+            from kernels.routing.triton_route import route_fwd_v3  # imports this module
+
+            w_TK, ids_TK, logits_TR = route_fwd_v3(x_TD, w_DR, spec, bias_R, forced_groups_TK1)
         else:
             logits_TR = x_TD @ w_DR.to(x_TD.dtype)
             w_TK, ids_TK = gate_fwd(logits_TR, spec, bias_R, forced_groups_TK1)
@@ -565,10 +573,10 @@ def gate(logits_TR, spec: GateSpec, bias_R=None, forced_groups_TK1=None):
 def route(x_TD, w_DR, spec: GateSpec, bias_R=None, forced_groups_TK1=None, fused=None):
     """Same as ``reference.route`` (``logits_TR`` in x's dtype).
 
-    ``fused=True``: one kernel (projection + selection, x read once). ``fused=False``: the
-    projection through cuBLAS, then the gate kernel. Default: ``MHC_ROUTE_FUSED`` (``0``),
-    because on the H100 the unfused pair measured faster (docs/benchmarks.md); on CPU
-    (interpreter) the fused kernel.
+    ``fused=True``: one kernel (``triton_route.route_fwd_v3``: projection + selection, x read
+    once). ``fused=False``: the projection through cuBLAS, then the gate kernel. Default:
+    ``MHC_ROUTE_FUSED`` (``0``), because on the H100 the unfused pair measured faster at
+    E=256 and equal at E=64 (docs/benchmarks.md); on CPU (interpreter) the fused kernel.
     """
     if fused is None:
         fused = _FUSED_DEFAULT or not x_TD.is_cuda

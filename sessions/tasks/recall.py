@@ -85,7 +85,8 @@ class RecallTask:
         question = fact_text(names[asked], codes[asked])
         asked_slot = [t for t, _ in segments].index(question)
         return {"segments": segments, "question": question, "asked_slot": asked_slot,
-                "name": names[asked], "code": codes[asked], "facts": list(zip(names, codes))}
+                "name": names[asked], "code": codes[asked],
+                "facts": list(zip(names, codes, strict=True))}
 
     def batch(self, start: int, size: int) -> RecallBatch:
         eps = [self.episode(start + i) for i in range(size)]

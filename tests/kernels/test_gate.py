@@ -192,10 +192,11 @@ def test_gate_property(spec, T, seed, dtype, ties):
 @pytest.mark.parametrize("spec", [GateSpec("two_level", 8, 32, 2, 4), GateSpec("flat", 8, 8, 1, 2),
                                   GateSpec("group_limited", 8, 32, 2, 4)], ids=_ids)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gpu_large(spec, dtype):
+@pytest.mark.parametrize("fused", [False, True], ids=["cublas", "fused"])
+def test_gpu_large(spec, dtype, fused):
     T, D = 4099, 1024
     x, w = _route_inputs(T, D, spec, dtype, seed=21)
-    wt, it, lt = tg.route(x, w, spec)
+    wt, it, lt = tg.route(x, w, spec, fused=fused)
     wg, ig = ref.gate(lt, spec)
     assert torch.equal(it, ig)
     assert_close(wt, wg)
@@ -241,3 +242,29 @@ def test_route_unfused_path(spec):
     assert_close(w0, w1)
     assert_close(dx0, dx1, table=GRAD_TOL)
     assert_close(dw0, dw1, table=GRAD_TOL)
+
+
+def test_gate_nan_logits_stay_in_range():
+    """NaN logits match no maximum; the picks must still be valid expert ids (the component
+    row load once followed an unclamped domain index of 2**30 out of the tensor)."""
+    spec = GateSpec("two_level", 4, 8, 2, 2)
+    logits = torch.full((5, spec.n_router_outputs), float("nan"), device=DEVICE)
+    w, ids = tg.gate(logits, spec)
+    assert ((ids >= 0) & (ids < spec.n_experts)).all()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=_ids)
+def test_route_v3_split_loops_and_projection_only(spec):
+    """The v3 kernel's benchmark switches: a separate domain loop gives the same result, and
+    ``select=False`` still writes the logits."""
+    from kernels.routing.triton_route import route_fwd_v3
+
+    x, w = _route_inputs(19, 24, spec, torch.float32, seed=23)
+    a = route_fwd_v3(x, w, spec, block_t=16, block_k=8, block_s=8)
+    b = route_fwd_v3(x, w, spec, block_t=16, block_k=16, block_s=16, split_loops=True)
+    c = route_fwd_v3(x, w, spec, block_t=16, select=False)
+    wg, ig = ref.gate(a[2], spec)
+    assert torch.equal(a[1], ig) and torch.equal(b[1], ig)
+    assert_close(a[0], wg)
+    assert_close(a[2], b[2])
+    assert_close(c[2], a[2])
