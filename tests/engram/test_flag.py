@@ -128,3 +128,21 @@ def test_bad_engram_config(kwargs, field):
 def test_read_layer_out_of_range():
     with pytest.raises(ValueError, match="read_layers"):
         EngramModel(_cfg(), EngramConfig(enabled=True, read_layers=[5]))
+
+
+def test_generation_cache_matches_fresh_projection_and_tracks_weights():
+    torch.manual_seed(0)
+    model = EngramModel(_cfg(), EngramConfig(enabled=True)).eval()
+    idx = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        mem = _memory(model, 2)
+        first = model(idx, memory=mem, session=1).out.logits
+        cached = model(idx, memory=mem, session=1).out.logits  # projections from the cache
+        assert torch.equal(first, cached)
+        for reader in model.readers.values():
+            reader.token_value.weight.mul_(2.0)  # in place: the cache must notice
+        changed = model(idx, memory=mem, session=1).out.logits
+    with torch.enable_grad():
+        fresh = model(idx, memory=mem, session=1).out.logits  # autograd path: no cache
+    assert not torch.allclose(changed, first)
+    torch.testing.assert_close(changed, fresh)
