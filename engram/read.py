@@ -106,10 +106,13 @@ class MemoryReader(nn.Module):
         q = F.normalize(self.token_key(_norm(h_BTD)).view(B, T, H, dh), dim=-1)
         null_k = F.normalize(self.null_key, dim=-1).to(q.dtype)
         null_logit = tau * torch.einsum("bthd,hd->bht", q, null_k)
+        null_v = self.null_value.to(q.dtype)[None, :, None, :]
+        if not cfg.null_kv:  # no null slot: a token that retrieved nothing reads zeros
+            null_logit = torch.full_like(null_logit, float("-inf"))
+            null_v = torch.zeros_like(null_v)
         M = cand.n_traces
         if M == 0 or cand.hidden_BMSD.shape[2] < 2:
-            attn_null = torch.ones_like(null_logit)
-            mem_out = attn_null[..., None] * self.null_value.to(q.dtype)[None, :, None, :]
+            mem_out = null_v.expand(B, H, T, dv)
             mass = 0.0
         else:
             mk, mv = self._memory_keys_values(cand, h_BTD.dtype)
@@ -122,10 +125,10 @@ class MemoryReader(nn.Module):
             allowed = cand.selected_BTM[:, None, :, :, None] & valid[:, None, None]
             logits = logits.masked_fill(~allowed, float("-inf")).reshape(B, H, T, M * S1)
             full = torch.cat([logits, null_logit[..., None]], dim=-1)
-            attn = torch.softmax(full.float(), dim=-1).to(q.dtype)
+            attn = torch.softmax(full.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
             mem_attn = attn[..., :-1].view(B, H, T, M, S1)
             mem_out = torch.einsum("bhtms,bmshd->bhtd", mem_attn, mv)
-            mem_out = mem_out + attn[..., -1:] * self.null_value.to(q.dtype)[None, :, None, :]
+            mem_out = mem_out + attn[..., -1:] * null_v
             mass = float(1 - attn[..., -1].detach().float().mean())
         y = self.out(mem_out.permute(0, 2, 1, 3).reshape(B, T, H * dv))
         g = self.gate()

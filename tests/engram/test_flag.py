@@ -146,3 +146,18 @@ def test_generation_cache_matches_fresh_projection_and_tracks_weights():
         fresh = model(idx, memory=mem, session=1).out.logits  # autograd path: no cache
     assert not torch.allclose(changed, first)
     torch.testing.assert_close(changed, fresh)
+
+
+def test_without_null_slot_an_unretrieved_token_reads_zeros():
+    torch.manual_seed(0)
+    model = EngramModel(_cfg(), EngramConfig(enabled=True, null_kv=False))
+    with torch.no_grad():
+        for reader in model.readers.values():
+            reader.null_value.normal_()  # would matter if the null slot were used
+    idx = torch.randint(0, 256, (2, 24))
+    empty = TensorMemory(2, 32, model.cfg.key_dim, 24)
+    torch.testing.assert_close(model(idx, memory=empty, session=1).out.logits,
+                               model(idx).out.logits)
+    mem = _memory(model, 2)
+    out = model(idx, memory=mem, session=1).out.logits
+    assert torch.isfinite(out).all() and not torch.allclose(out, model(idx).out.logits)
