@@ -34,6 +34,7 @@ from engram.backends import TensorMemory  # noqa: E402
 from engram.config import EngramConfig  # noqa: E402
 from engram.model import EngramModel  # noqa: E402
 from mhc import presets  # noqa: E402
+from sessions.memory_train import build_memory  # noqa: E402
 from sessions.tasks.recall import RecallTask  # noqa: E402
 
 
@@ -84,15 +85,8 @@ def session_memory(model: EngramModel, batch, device) -> TensorMemory | None:
     """The traces session 1 left behind (written when session 1 ran: not generation time)."""
     if not model.memory_enabled:
         return None
-    B, N, S = batch.write_BNS.shape
     with _autocast(device):
-        tr = model.encode_traces(batch.write_BNS.reshape(B * N, S).to(device))
-    mem = TensorMemory(B, tr.hidden_NSD.shape[-1], model.cfg.key_dim, S, device,
-                       tr.hidden_NSD.dtype)
-    mem.write(tr.key_NK.view(B, N, -1), tr.hidden_NSD.view(B, N, S, -1),
-              tr.mask_NS.view(B, N, -1), tr.tokens_NS.view(B, N, -1),
-              tr.salience_N.view(B, N), session=0)
-    return mem
+        return build_memory(model, batch, "all")
 
 
 @torch.no_grad()

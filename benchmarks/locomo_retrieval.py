@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             label = ""
     if not args.no_save:
         path = append_result("locomo_retrieval", {
-            "data": str(args.data), "conversations": [c["sample_id"] for c in convs],
+            "data": Path(args.data).name, "conversations": [c["sample_id"] for c in convs],
             "traces": n_traces, "skipped_questions": skipped, "default_mode": default,
             "ingest_seconds": ingest_s, "results": results})
         print(f"appended to {path}")

@@ -101,17 +101,10 @@ def check_text(text: Any, max_chars: int) -> str:
 
 def as_vector(v: Any, dim: int | None, what: str) -> np.ndarray:
     """Convert to a contiguous float32 1-d vector, checking dim and finiteness."""
-    try:
-        arr = np.asarray(v, dtype=np.float32)
-    except (TypeError, ValueError) as e:
-        raise InvalidInputError(f"{what} is not a numeric vector: {e}") from None
-    if arr.ndim != 1 or arr.shape[0] == 0:
-        raise DimensionError(f"{what} must be a non-empty 1-d vector, got shape {arr.shape}")
-    if dim is not None and arr.shape[0] != dim:
-        raise DimensionError(f"{what} has dimension {arr.shape[0]}; this store's is {dim}")
+    arr = _vec(v, dim, what)
     if not np.isfinite(arr).all():
         raise NonFiniteError(f"{what} contains NaN or infinity")
-    return np.ascontiguousarray(arr)
+    return arr
 
 
 def as_matrix(v: Any, dim: int | None, what: str) -> np.ndarray:

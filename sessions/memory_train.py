@@ -11,7 +11,6 @@ everything, or nothing read at all.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -155,9 +154,7 @@ def evaluate_recall(model: EngramModel, task: RecallTask, n_episodes: int = 200,
     for start in range(0, n_episodes, batch_size):
         batch = task.batch(start, min(batch_size, n_episodes - start))
         mem = build_memory(model, batch, policy, gen) if read else None
-        ctx = contextlib.nullcontext()
-        with ctx:
-            res = model(batch.question_BS.to(device), memory=mem, session=1)
+        res = model(batch.question_BS.to(device), memory=mem, session=1)
         pred = answer_logits(res.out.logits, batch).argmax(-1).cpu()
         tgt = batch.targets_BS.gather(1, batch.answer_pos_B4)
         correct += int((pred == tgt).all(-1).sum())

@@ -50,10 +50,7 @@ def run_store_episodes(model: EngramModel, store_dir: Path, episodes: int, memor
                           tr.mask_NS.view(B, N, S), tr.tokens_NS.view(B, N, S), sal, session=0,
                           keep_Bn=keep)
                 written += int((keep & batch.asked_BN).any(-1).sum())
-            if memory != "on" and model.memory_enabled:
-                model.cfg.read = False
-            res = model(batch.question_BS, memory=mem, session=1)
-            model.cfg.read = True
+            res = model(batch.question_BS, memory=mem, session=1)  # mem is None unless "on"
             pred = answer_logits(res.out.logits, batch).argmax(-1)
             tgt = batch.targets_BS.gather(1, batch.answer_pos_B4)
             correct += int((pred == tgt).all(-1).sum())

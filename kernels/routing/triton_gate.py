@@ -446,26 +446,35 @@ def gate_fwd(logits_TR, spec: GateSpec, bias_R=None, forced_groups_TK1=None, blo
     return w_TK, ids_TK
 
 
-def route_fwd(x_TD, w_DR, spec: GateSpec, bias_R=None, forced_groups_TK1=None, block_t=None,
-              block_k=None, num_warps=None, num_stages=None, block_s=None):
-    """Launch the fused projection + gate kernel: ``(weights_TK, ids_TK, logits_TR)``."""
+def _route_prologue(x_TD, w_DR, spec: GateSpec, bias_R, forced_groups_TK1, contiguous_w: bool):
+    """Checks and output buffers shared by the fused-route launchers:
+    ``(x_TD, w_DR, logits_TR, w_TK, ids_TK)`` with x and w in kernel-ready layout."""
     T, D = x_TD.shape
     R = w_DR.shape[1]
     if w_DR.shape[0] != D:
         raise ValueError(f"w_DR has {w_DR.shape[0]} rows, x_TD has D={D}")
     _check(spec, R, bias_R, forced_groups_TK1, T)
     dev, dt = x_TD.device, x_TD.dtype
-    K = spec.top_k
     logits_TR = torch.empty(T, R, dtype=dt, device=dev)
-    w_TK = torch.empty(T, K, dtype=dt, device=dev)
-    ids_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
-    if T == 0:
-        return w_TK, ids_TK, logits_TR
+    w_TK = torch.empty(T, spec.top_k, dtype=dt, device=dev)
+    ids_TK = torch.empty(T, spec.top_k, dtype=torch.int64, device=dev)
     if x_TD.stride(1) != 1:
         x_TD = x_TD.contiguous()
     w_DR = w_DR.to(dt)
-    if w_DR.stride(1) != 1:
+    if contiguous_w or w_DR.stride(1) != 1:
         w_DR = w_DR.contiguous()
+    return x_TD, w_DR, logits_TR, w_TK, ids_TK
+
+
+def route_fwd(x_TD, w_DR, spec: GateSpec, bias_R=None, forced_groups_TK1=None, block_t=None,
+              block_k=None, num_warps=None, num_stages=None, block_s=None):
+    """Launch the fused projection + gate kernel: ``(weights_TK, ids_TK, logits_TR)``."""
+    T, D = x_TD.shape
+    dt = x_TD.dtype
+    x_TD, w_DR, logits_TR, w_TK, ids_TK = _route_prologue(
+        x_TD, w_DR, spec, bias_R, forced_groups_TK1, contiguous_w=False)
+    if T == 0:
+        return w_TK, ids_TK, logits_TR
     m = _meta(spec)
     # 64 tokens × 8 warps: the GEMM phase runs on mma.sync. Configs that let Triton 3.6 pick
     # wgmma for this kernel (≥ 64 tokens per warpgroup, e.g. 64 × 4 warps) gave wrong domain

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels.routing.reference import GateSpec
-from kernels.routing.triton_gate import _check, _gate_block_t, _gate_rows, _meta
+from kernels.routing.triton_gate import _gate_block_t, _gate_rows, _meta, _route_prologue
 
 _LAST: dict = {}  # the last compiled launch (benchmarks inspect its PTX for wgmma)
 
@@ -115,20 +115,11 @@ def route_fwd_v3(x_TD, w_DR, spec: GateSpec, bias_R=None, forced_groups_TK1=None
     (weights and ids left unwritten): for timing the projection phase alone.
     """
     T, D = x_TD.shape
-    R = w_DR.shape[1]
-    if w_DR.shape[0] != D:
-        raise ValueError(f"w_DR has {w_DR.shape[0]} rows, x_TD has D={D}")
-    _check(spec, R, bias_R, forced_groups_TK1, T)
-    dev, dt = x_TD.device, x_TD.dtype
-    K = spec.top_k
-    logits_TR = torch.empty(T, R, dtype=dt, device=dev)
-    w_TK = torch.empty(T, K, dtype=dt, device=dev)
-    ids_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
+    dt = x_TD.dtype
+    x_TD, w_DR, logits_TR, w_TK, ids_TK = _route_prologue(
+        x_TD, w_DR, spec, bias_R, forced_groups_TK1, contiguous_w=True)
     if T == 0:
         return w_TK, ids_TK, logits_TR
-    if x_TD.stride(1) != 1:
-        x_TD = x_TD.contiguous()
-    w_DR = w_DR.to(dt).contiguous()
     m = _meta(spec)
     wide = dt == torch.float32
     nw = num_warps or 8
