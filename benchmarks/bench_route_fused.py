@@ -1,10 +1,8 @@
 """Fused route (projection + selection in one kernel) on the GPU: correctness + timing of the
-v3 kernel's launch configs against cuBLAS + gate, in one process per routing config (a config
-that faults on the device only loses its child process), plus a reproduction of the v2
-kernel's wgmma configs.
+kernel's launch configs against cuBLAS + gate and cuBLAS alone, in one process per routing
+config (a config that faults on the device only loses its child process).
 
     cd benchmarks && PYTHONUNBUFFERED=1 python bench_route_fused.py --out DIR [--budget 220]
-        [--with-old]   # also reproduce the v2 kernel's wgmma configs (one child per config)
 
 Correct = logits within bf16 rounding of an fp32 x @ w (max |Δ| ≤ 2 bf16 ulp of the row's
 magnitude, rel. error ≤ 1e-2) and ids equal to ``reference.gate`` on the kernel's own logits.
@@ -21,12 +19,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# (BT, BK, warps, stages, split_loops, BS (0: default), select). Run 1 (2026-11-23) swept
-# BT 64/128 × BK 64/128 × 4/8 warps × 2–4 stages and split loops: BT 128 × 8 warps, BK 64,
-# 4 stages won for both configs; this list is run 2 (selection sub-block, projection alone).
-VARIANTS = [(128, 64, 8, 4, 0, 0, 1), (128, 64, 8, 4, 0, 128, 1), (128, 64, 8, 4, 0, 32, 1),
-            (128, 64, 8, 4, 0, 0, 0), (128, 64, 8, 3, 0, 0, 1)]
-EXTRA_SHAPES = [(4096, 1024), (4096, 4096), (65536, 1024), (65536, 4096)]  # variant 0 only
+# Launcher kwargs of ``triton_route.fused_route_fwd`` to sweep. Run 1 (2026-11-23) swept the
+# pointer-load v3 over BT 64/128 × BK 64/128 × 4/8 warps × 2–4 stages and split loops (BT 128 ×
+# 8 warps, BK 64, 4 stages won); run 2 its selection sub-block; run 3 v3 against the TMA v4
+# (now the kernel) with BK 128, 3 stages, a transposed w copy, Triton's warp specialization,
+# persistent programs and BS 128 (raw: benchmarks/results/bench_route_fused_h100_run3.json).
+# Run 4: thread-block clusters (num_ctas 2, so two programs could share w's tiles) do not
+# compile in Triton 3.6 (PassManager::run failed). Run 5 (this list): 64-token programs on one
+# warpgroup, two per SM where shared memory allows (w read twice as often from L2).
+_V = dict(block_t=128, block_k=64, num_warps=8, num_stages=4)
+VARIANTS = [
+    dict(_V), dict(_V, select=False),
+    dict(_V, block_t=64, num_warps=4, num_stages=2), dict(_V, block_t=64, num_warps=4,
+                                                          num_stages=2, select=False),
+    dict(_V, block_t=64, num_warps=4, num_stages=3),
+    dict(_V, block_t=64, num_warps=4, num_stages=4),
+]
+EXTRA_VARIANTS = (0,)
+EXTRA_SHAPES = [(4096, 1024), (4096, 4096), (65536, 1024), (65536, 4096)]
 CFGS = {256: (256, 8, 32, 2, 4), 64: (64, 8, 8, 1, 2)}
 
 
@@ -49,7 +59,7 @@ def _check(spec, x, w, out):
                 exp_maxabs=exp, w_maxerr=werr)
 
 
-def child(E, skip, shapes, budget_end, old):
+def child(E, skip, shapes, budget_end):
     import bench_routing as br
     import torch
 
@@ -61,16 +71,6 @@ def child(E, skip, shapes, budget_end, old):
     def emit(**kw):
         print("RES " + json.dumps(kw), flush=True)
 
-    if old:  # v2 kernel with configs Triton lowers to wgmma
-        spec, ops = br.make_ops(4096, 1024, cfg, dt, "cuda")
-        x, w = ops["route"]["inputs"][0]
-        for a in [(64, 64, 4, 3), (64, 64, 4, 1), (128, 64, 8, 3)]:
-            print(f"START old{a}", flush=True)
-            out = tg.route_fwd(x, w, spec, block_t=a[0], block_k=a[1], num_warps=a[2],
-                               num_stages=a[3])
-            torch.cuda.synchronize()
-            emit(kind="old", E=E, variant=list(a), **_check(spec, x, w, out))
-        return
     data = {}
     for T, d in shapes:
         spec, ops = br.make_ops(T, d, cfg, dt, "cuda")
@@ -78,25 +78,29 @@ def child(E, skip, shapes, budget_end, old):
         floor = ops["route"]["floor_bytes"] / br.BW * 1e6
         tp = br.time_graph(lambda x, w: x @ w, ri)
         tu = br.time_graph(lambda x, w, spec=spec: tg.gate_fwd(x @ w, spec), ri)
-        tf = None
-        emit(kind="base", E=E, T=T, d=d, floor=floor, cublas=tp, cublas_gate=tu, fused_v2=tf)
+        # tile quantization probe: cuBLAS on the E expert columns alone (N = 256 or 64)
+        re_ = [(x, w[:, spec.n_groups:].contiguous()) for x, w in ri]
+        te = br.time_graph(lambda x, w: x @ w, re_)
+        emit(kind="base", E=E, T=T, d=d, floor=floor, cublas=tp, cublas_gate=tu,
+             cublas_experts_only=te)
         data[(T, d)] = (spec, ri)
     for i, v in enumerate(VARIANTS):
         if i in skip or time.time() > budget_end:
             continue
         print(f"START {i}", flush=True)
+        kw = v
+        launch = trr.fused_route_fwd
+        select = kw.get("select", True)
         for T, d in shapes:
             spec, ri = data[(T, d)]
             x, w = ri[0]
-            def f(x, w, v=v, spec=spec):
-                return trr.route_fwd_v3(
-                    x, w, spec, block_t=v[0], block_k=v[1], num_warps=v[2], num_stages=v[3],
-                    split_loops=bool(v[4]), block_s=v[5] or None, select=bool(v[6]))
+            def f(x, w, kw=kw, spec=spec, launch=launch):
+                return launch(x, w, spec, **kw)
 
             out = f(x, w)
             torch.cuda.synchronize()
             res = _check(spec, x, w, out)
-            if not v[6]:  # projection only: judge the logits alone
+            if not select:  # projection only: judge the logits alone
                 res["ok"] = res["logit_rel"] < 1e-2
             k = trr._LAST["kernel"]
             ptx = k.asm.get("ptx", "")
@@ -104,27 +108,61 @@ def child(E, skip, shapes, budget_end, old):
                        regs=getattr(k, "n_regs", None), spills=getattr(k, "n_spills", None),
                        smem=getattr(k, "shared", None))
             t = br.time_graph(f, ri) if res["ok"] else None
-            emit(kind="v3", E=E, T=T, d=d, variant=list(v), idx=i, t=t, **res)
+            emit(kind="fused", E=E, T=T, d=d, variant=kw, idx=i, t=t, **res)
+
+
+def l2_probe(programs=128, rows=1024, cols=256, block_rows=64):
+    """L2 → SM read bandwidth as the fused route sees it: ``programs`` programs each read the
+    same ``rows × cols`` bf16 matrix (w at d = 1024, E = 256: 0.5 MB, L2-resident) in
+    ``[block_rows, cols]`` tiles and reduce it. Returns (µs per call, TB/s delivered)."""
+    import bench_routing as br
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _read_all(w_ptr, out_ptr, ROWS: tl.constexpr, COLS: tl.constexpr, BR: tl.constexpr):
+        acc = tl.zeros([BR, COLS], dtype=tl.float32)
+        r = tl.arange(0, BR)[:, None]
+        c = tl.arange(0, COLS)[None, :]
+        for r0 in range(0, ROWS, BR):
+            acc += tl.load(w_ptr + (r0 + r) * COLS + c).to(tl.float32)
+        tl.store(out_ptr + tl.program_id(0), tl.sum(tl.sum(acc, axis=1), axis=0))
+
+    w = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(programs, device="cuda")
+
+    def f(w, out):
+        _read_all[(programs,)](w, out, ROWS=rows, COLS=cols, BR=block_rows, num_warps=8,
+                               num_stages=4)
+
+    t = br.time_graph(f, [(w, out)])
+    return t, programs * w.numel() * 2 / (t * 1e-6) / 1e12
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", type=int)
-    ap.add_argument("--old", action="store_true")
     ap.add_argument("--only0", action="store_true")
     ap.add_argument("--skip", default="")
     ap.add_argument("--shapes", default="16384x1024,16384x4096")
     ap.add_argument("--budget-end", type=float, default=1e18)
     ap.add_argument("--out", default=".")
     ap.add_argument("--budget", type=float, default=220)
-    ap.add_argument("--with-old", dest="old_repro", action="store_true")
+    ap.add_argument("--l2-probe", action="store_true",
+                    help="only measure L2 → SM read bandwidth (l2_probe) and exit")
     a = ap.parse_args()
+    if a.l2_probe:
+        for progs in (128, 132, 264):
+            t, tbs = l2_probe(programs=progs)
+            print(f"L2 probe: {progs} programs × 0.5 MB: {t:.1f} µs, {tbs:.2f} TB/s")
+        return
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     if a.child is not None:
         skip = {int(s) for s in a.skip.split(",") if s}
         if a.only0:
-            skip |= set(range(1, len(VARIANTS)))
-        child(a.child, skip, shapes, a.budget_end, a.old)
+            skip |= set(range(len(VARIANTS))) - set(EXTRA_VARIANTS)
+        child(a.child, skip, shapes, a.budget_end)
         return
     t0 = time.time()
     end = t0 + a.budget
@@ -156,13 +194,8 @@ def main():
                 return
             print(f"E={E} {extra} crashed at {last}: {p.stderr.strip().splitlines()[-1:]}")
             rows.append(dict(kind="crash", E=E, at=last, err=p.stderr[-600:]))
-            if last.startswith("old"):
-                return
             skip.add(int(last))
 
-    if a.old_repro:
-        for E in (64, 256):
-            spawn(E, ["--old"], a.shapes)
     spawn(256, [], a.shapes, end=end - 45)
     spawn(64, [], a.shapes)
     if time.time() < end:
@@ -174,16 +207,19 @@ def main():
     (out / "bench_route_fused.json").write_text(json.dumps(rows, indent=1))
     (out / "bench_route_fused.log").write_text("\n----\n".join(log))
     print(f"\n== elapsed {time.time() - t0:.0f} s ==")
-    print("E   T     d    variant(BT,BK,w,st,split,BS,select)  ok   wgmma  t_us   "
-          "cuBLAS+gate  cuBLAS  fused_v2")
+    print("E   T     d    variant (changes from BT 128, BK 64, 8 warps, 4 stages)  ok  "
+          "wgmma  t_us | cuBLAS+gate  cuBLAS  cuBLAS(E cols)")
     base = {(r["E"], r["T"], r["d"]): r for r in rows if r["kind"] == "base"}
     for r in rows:
-        if r["kind"] == "v3":
+        if r["kind"] == "fused":
             b = base[(r["E"], r["T"], r["d"])]
-            print(f"{r['E']:<3} {r['T']:<5} {r['d']:<4} {str(r['variant']):26} {r['ok']!s:5} "
-                  f"{r['wgmma']!s:6} {r['t']}  {b['cublas_gate']:.1f}  {b['cublas']:.1f}  "
-                  f"{b['fused_v2']}  regs={r['regs']} spills={r['spills']}")
-        elif r["kind"] in ("old", "crash"):
+            kw = {k: v for k, v in r["variant"].items() if _V.get(k) != v}
+            t = f"{r['t']:.1f}" if r["t"] else "—"
+            print(f"{r['E']:<3} {r['T']:<5} {r['d']:<4} {str(kw):44} "
+                  f"{r['ok']!s:5} {r['wgmma']!s:5} {t:>6} | {b['cublas_gate']:.1f}  "
+                  f"{b['cublas']:.1f}  {b['cublas_experts_only']:.1f}  "
+                  f"regs={r['regs']} spills={r['spills']} smem={r['smem']}")
+        elif r["kind"] == "crash":
             print({k: v for k, v in r.items() if k != "err"}, r.get("err", "")[-200:])
 
 

@@ -13,7 +13,7 @@ H100's measured copy bandwidth).
 
     PYTHONUNBUFFERED=1 python benchmarks/bench_routing.py            # full table
     python benchmarks/bench_routing.py --quick                        # T=16384 only
-    python benchmarks/bench_routing.py --sweep                        # launch-config sweep
+    python benchmarks/bench_routing.py --sweep                        # gate launch sweep
 """
 
 from __future__ import annotations
@@ -216,9 +216,9 @@ def check(T, cfg, d, dtype):
     return res
 
 
-def sweep(dtype, gate_only=False):
-    """Launch-config sweep at T=16384, d=1024 for both configs; each route config is checked
-    (logits vs cuBLAS, ids vs reference.gate on its own logits) before it is timed."""
+def sweep(dtype):
+    """Gate-kernel launch sweep at T=16384 for both configs, with the cuBLAS projection and
+    cuBLAS + gate beside it (the fused route's sweep: ``bench_route_fused.py``)."""
     from kernels.routing import triton_gate as tg
 
     best = {}
@@ -235,27 +235,6 @@ def sweep(dtype, gate_only=False):
                     best.setdefault(f"gate{E}", (t, bt, nw))
                     best[f"gate{E}"] = min(best[f"gate{E}"], (t, bt, nw))
         ri = ops["route"]["inputs"]
-        x, w = ri[0]
-        lr = (x @ w).float()
-        if gate_only:
-            continue
-        for a in [(64, 64, 8, 3, 64), (64, 32, 8, 3, 64), (64, 64, 8, 4, 64),
-                  (64, 128, 8, 3, 64), (32, 64, 4, 3, 32), (64, 64, 4, 3, 32)]:
-            try:
-                wt, it, lt = tg.route_fwd(x, w, spec, block_t=a[0], block_k=a[1],
-                                          num_warps=a[2], num_stages=a[3], block_s=a[4])
-                rel = float((lt.float() - lr).norm() / lr.norm())
-                ok = rel < 1e-2 and torch.equal(it, ref.gate(lt, spec)[1])
-                t = time_graph(lambda x, w, a=a, spec=spec: tg.route_fwd(
-                    x, w, spec, block_t=a[0], block_k=a[1], num_warps=a[2], num_stages=a[3],
-                    block_s=a[4]), ri) if ok else None
-            except Exception as e:  # noqa: BLE001
-                t, ok, rel = None, False, None
-                print(f"  failed {a}: {e}"[:160])
-            print(f"  E={E} route {a}: {t} (ok={ok}, logit relerr {rel})")
-            if t is not None:
-                best.setdefault(f"route{E}", (t, *a))
-                best[f"route{E}"] = min(best[f"route{E}"], (t, *a))
         tp = time_graph(lambda x, w: x @ w, ri)
         tu = time_graph(lambda x, w, spec=spec: tg.gate_fwd(x @ w, spec), ri)
         print(f"E={E}: cuBLAS projection alone: {tp} µs; cuBLAS + triton gate: {tu} µs")
@@ -268,8 +247,8 @@ def sweep(dtype, gate_only=False):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="T=16384 only")
-    ap.add_argument("--sweep", action="store_true", help="launch-config sweep, then exit")
-    ap.add_argument("--gate-only", action="store_true", help="sweep the gate kernel only")
+    ap.add_argument("--sweep", action="store_true",
+                    help="gate-kernel launch sweep, then exit (fused route: bench_route_fused.py)")
     ap.add_argument("--providers", default="triton,fused,torch,compile")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", default=None, help="also write all rows to this JSON file")
@@ -283,7 +262,7 @@ def main(argv=None):
     torch._dynamo.config.cache_size_limit = 64
     dtype = getattr(torch, args.dtype)
     if args.sweep:
-        best = sweep(dtype, args.gate_only)
+        best = sweep(dtype)
         if args.json:
             Path(args.json).write_text(json.dumps(best, indent=1))
         return 0

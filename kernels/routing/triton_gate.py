@@ -16,17 +16,16 @@ probabilities (+ bias, selection only) of logits rounded to the logits' dtype, a
 reference. Balancing counts come from ``triton_permute.expert_counts`` / ``permute`` (no host
 sync).
 
-Four layers: ``_gate_fwd_kernel`` / ``_route_fwd_kernel`` / ``_gate_bwd_kernel`` (@triton.jit),
-``gate_fwd`` / ``route_fwd`` / ``gate_bwd`` (launchers), ``GateFn`` / ``RouteFn``
+Four layers: ``_gate_fwd_kernel`` / ``_gate_bwd_kernel`` (@triton.jit; the fused route kernel is
+in ``triton_route``), ``gate_fwd`` / ``gate_bwd`` (launchers), ``GateFn`` / ``RouteFn``
 (torch.autograd.Function; ``RouteFn`` also takes the gradient of ``logits_TR`` for the aux and
 z losses), and ``gate`` / ``route`` (public, same signatures as the reference).
 
 ``route`` on CUDA defaults to the projection through cuBLAS + the gate kernel (two launches);
 ``route(..., fused=True)`` (or ``MHC_ROUTE_FUSED=1``) uses the one-kernel projection + selection
-of ``triton_route.route_fwd_v3``. On the H100 the pair measured faster at E=256 (26.9 vs
-33.6 µs at T=16384, d=1024) and equal within 2 % at E=64 (docs/benchmarks.md,
-docs/kernels_notes.md). ``route_fwd`` / ``_route_fwd_kernel`` below is the earlier one-kernel
-version (v2), kept for comparison: its wgmma launch configs miscompute the domain logits.
+of ``triton_route.fused_route_fwd`` where it applies (Hopper or the interpreter, x rows
+16-byte aligned, E ≤ 256). On the H100 the pair measured faster at E=256 (26.9 vs 30.1 µs at
+T=16384, d=1024) and equal within 2 % at E=64 (docs/benchmarks.md, docs/kernels_notes.md).
 """
 
 from __future__ import annotations
@@ -238,76 +237,6 @@ def _gate_fwd_kernel(
 
 
 @triton.jit
-def _route_fwd_kernel(
-    x_ptr, wr_ptr, bias_ptr, forced_ptr, logits_ptr, w_out_ptr, id_out_ptr, T,
-    stride_xt, stride_wd, D: tl.constexpr,
-    G: tl.constexpr, C: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, KP: tl.constexpr,
-    GW: tl.constexpr, GP: tl.constexpr, CP: tl.constexpr, KIND: tl.constexpr,
-    HAS_BIAS: tl.constexpr, FORCED: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    IEEE: tl.constexpr, BS: tl.constexpr, DENSE: tl.constexpr,
-):
-    """logits = x @ w (x read once from HBM, fp32 accumulate, rounded to x's dtype), then the
-    selection.
-
-    Phase 1 holds the expert logits of BT tokens in one ``[BT, GP·CP]`` accumulator (w is
-    re-read from L2 once per BT tokens, so BT is large); the level-1 (group) logits of
-    two_level routing are a second, separate k-loop (x tile L2-hot). One dot per loop.
-    Phase 2 stores the logits, synchronizes the program, and runs the selection on sub-blocks
-    of BS tokens re-read from the (L2-hot) logits just written: the selection wants few tokens
-    in registers. DENSE: C and G are powers of two, so expert columns are contiguous.
-    """
-    R: tl.constexpr = G * C + G if KIND == 2 else G * C
-    OFF: tl.constexpr = G if KIND == 2 else 0
-    EW: tl.constexpr = GP * CP
-    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
-    mask_t = offs_t < T
-    offs_k = tl.arange(0, BK)
-    je = tl.arange(0, EW)
-    if DENSE:
-        col_e = OFF + je
-        valid_e = je < EW
-    else:
-        col_e = OFF + (je // CP) * C + (je % CP)
-        valid_e = ((je // CP) < G) & ((je % CP) < C)
-    x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt
-    lrow = logits_ptr + offs_t.to(tl.int64)[:, None] * R
-    out_ty = logits_ptr.dtype.element_ty
-    acc_e = tl.zeros([BT, EW], dtype=tl.float32)
-    for k0 in range(0, D, BK):
-        kmask = (k0 + offs_k) < D
-        xt = tl.load(x_rows + (k0 + offs_k)[None, :], mask=mask_t[:, None] & kmask[None, :],
-                     other=0.0)
-        w_rows = wr_ptr + (k0 + offs_k).to(tl.int64)[:, None] * stride_wd
-        we = tl.load(w_rows + col_e[None, :], mask=kmask[:, None] & valid_e[None, :], other=0.0)
-        if IEEE:  # fp32 operands (and the CPU interpreter, whose bf16 dot is wrong): exact fp32
-            acc_e = tl.dot(xt.to(tl.float32), we.to(tl.float32), acc_e, input_precision="ieee")
-        else:
-            acc_e = tl.dot(xt, we, acc_e)
-    tl.store(lrow + col_e[None, :], acc_e.to(out_ty), mask=mask_t[:, None] & valid_e[None, :])
-    if KIND == 2:
-        gw = tl.arange(0, GW)
-        acc_g = tl.zeros([BT, GW], dtype=tl.float32)
-        for k0 in range(0, D, BK):
-            kmask = (k0 + offs_k) < D
-            xt = tl.load(x_rows + (k0 + offs_k)[None, :],
-                         mask=mask_t[:, None] & kmask[None, :], other=0.0)
-            w_rows = wr_ptr + (k0 + offs_k).to(tl.int64)[:, None] * stride_wd
-            wg = tl.load(w_rows + gw[None, :], mask=kmask[:, None] & (gw[None, :] < G),
-                         other=0.0)
-            if IEEE:
-                acc_g = tl.dot(xt.to(tl.float32), wg.to(tl.float32), acc_g,
-                               input_precision="ieee")
-            else:
-                acc_g = tl.dot(xt, wg, acc_g)
-        tl.store(lrow + gw[None, :], acc_g.to(out_ty), mask=mask_t[:, None] & (gw[None, :] < G))
-    tl.debug_barrier()
-    for sb in range(BT // BS):
-        offs_s = tl.program_id(0) * BT + sb * BS + tl.arange(0, BS)
-        _gate_rows(logits_ptr, bias_ptr, forced_ptr, w_out_ptr, id_out_ptr, offs_s,
-                   offs_s < T, G, C, K1, K2, KP, GW, GP, CP, KIND, HAS_BIAS, FORCED, BS)
-
-
-@triton.jit
 def _gate_bwd_kernel(
     logits_ptr, ids_ptr, dw_ptr, dlext_ptr, dl_ptr, T,
     G: tl.constexpr, C: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
@@ -446,57 +375,6 @@ def gate_fwd(logits_TR, spec: GateSpec, bias_R=None, forced_groups_TK1=None, blo
     return w_TK, ids_TK
 
 
-def _route_prologue(x_TD, w_DR, spec: GateSpec, bias_R, forced_groups_TK1, contiguous_w: bool):
-    """Checks and output buffers shared by the fused-route launchers:
-    ``(x_TD, w_DR, logits_TR, w_TK, ids_TK)`` with x and w in kernel-ready layout."""
-    T, D = x_TD.shape
-    R = w_DR.shape[1]
-    if w_DR.shape[0] != D:
-        raise ValueError(f"w_DR has {w_DR.shape[0]} rows, x_TD has D={D}")
-    _check(spec, R, bias_R, forced_groups_TK1, T)
-    dev, dt = x_TD.device, x_TD.dtype
-    logits_TR = torch.empty(T, R, dtype=dt, device=dev)
-    w_TK = torch.empty(T, spec.top_k, dtype=dt, device=dev)
-    ids_TK = torch.empty(T, spec.top_k, dtype=torch.int64, device=dev)
-    if x_TD.stride(1) != 1:
-        x_TD = x_TD.contiguous()
-    w_DR = w_DR.to(dt)
-    if contiguous_w or w_DR.stride(1) != 1:
-        w_DR = w_DR.contiguous()
-    return x_TD, w_DR, logits_TR, w_TK, ids_TK
-
-
-def route_fwd(x_TD, w_DR, spec: GateSpec, bias_R=None, forced_groups_TK1=None, block_t=None,
-              block_k=None, num_warps=None, num_stages=None, block_s=None):
-    """Launch the fused projection + gate kernel: ``(weights_TK, ids_TK, logits_TR)``."""
-    T, D = x_TD.shape
-    dt = x_TD.dtype
-    x_TD, w_DR, logits_TR, w_TK, ids_TK = _route_prologue(
-        x_TD, w_DR, spec, bias_R, forced_groups_TK1, contiguous_w=False)
-    if T == 0:
-        return w_TK, ids_TK, logits_TR
-    m = _meta(spec)
-    # 64 tokens × 8 warps: the GEMM phase runs on mma.sync. Configs that let Triton 3.6 pick
-    # wgmma for this kernel (≥ 64 tokens per warpgroup, e.g. 64 × 4 warps) gave wrong domain
-    # logits on the H100 (docs/kernels_notes.md: most likely w's run-time row stride, not a
-    # multiple of 16, leaves the [BK, 16] domain tile unaligned); route_fwd_v3 avoids it.
-    nw = num_warps or 8
-    bt = block_t or 64
-    bk = block_k or 64
-    bs = min(bt, block_s or nw * _gate_block_t(spec))
-    bias = bias_R.contiguous() if bias_R is not None else logits_TR
-    forced = forced_groups_TK1.contiguous() if forced_groups_TK1 is not None else ids_TK
-    _route_fwd_kernel[(triton.cdiv(T, bt),)](
-        x_TD, w_DR, bias, forced, logits_TR, w_TK, ids_TK, T,
-        x_TD.stride(0), w_DR.stride(0), D=D, **m,
-        HAS_BIAS=bias_R is not None, FORCED=forced_groups_TK1 is not None, BT=bt, BK=bk,
-        IEEE=dt == torch.float32 or not x_TD.is_cuda, BS=bs,
-        DENSE=m["GP"] == spec.n_groups and m["CP"] == spec.n_components,
-        num_warps=nw, num_stages=num_stages or 3,
-    )
-    return w_TK, ids_TK, logits_TR
-
-
 def gate_bwd(logits_TR, ids_TK, dweights_TK, spec: GateSpec, dlogits_ext_TR=None,
              out_dtype=None, block_t=None, num_warps=1):
     """d logits_TR (in ``out_dtype``, default fp32) from d weights_TK (+ external d logits)."""
@@ -540,9 +418,10 @@ class RouteFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, w_DR, spec, bias_R, forced_groups_TK1, fused):
         if fused:
-            from kernels.routing.triton_route import route_fwd_v3  # imports this module
+            from kernels.routing.triton_route import fused_route_fwd  # imports this module
 
-            w_TK, ids_TK, logits_TR = route_fwd_v3(x_TD, w_DR, spec, bias_R, forced_groups_TK1)
+            w_TK, ids_TK, logits_TR = fused_route_fwd(x_TD, w_DR, spec, bias_R,
+                                                      forced_groups_TK1)
         else:
             logits_TR = x_TD @ w_DR.to(x_TD.dtype)
             w_TK, ids_TK = gate_fwd(logits_TR, spec, bias_R, forced_groups_TK1)
@@ -582,11 +461,15 @@ def gate(logits_TR, spec: GateSpec, bias_R=None, forced_groups_TK1=None):
 def route(x_TD, w_DR, spec: GateSpec, bias_R=None, forced_groups_TK1=None, fused=None):
     """Same as ``reference.route`` (``logits_TR`` in x's dtype).
 
-    ``fused=True``: one kernel (``triton_route.route_fwd_v3``: projection + selection, x read
-    once). ``fused=False``: the projection through cuBLAS, then the gate kernel. Default:
+    ``fused=True``: one kernel (``triton_route.fused_route_fwd``: projection + selection, x
+    read once) where ``fused_route_supported`` holds, else the unfused pair.
+    ``fused=False``: the projection through cuBLAS, then the gate kernel. Default:
     ``MHC_ROUTE_FUSED`` (``0``), because on the H100 the unfused pair measured faster at
     E=256 and equal at E=64 (docs/benchmarks.md); on CPU (interpreter) the fused kernel.
     """
+    from kernels.routing.triton_route import fused_route_supported
+
     if fused is None:
         fused = _FUSED_DEFAULT or not x_TD.is_cuda
+    fused = fused and fused_route_supported(x_TD, spec)
     return RouteFn.apply(x_TD, w_DR, spec, bias_R, forced_groups_TK1, bool(fused))
