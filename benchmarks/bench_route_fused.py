@@ -140,6 +140,20 @@ def l2_probe(programs=128, rows=1024, cols=256, block_rows=64):
     return t, programs * w.numel() * 2 / (t * 1e-6) / 1e12
 
 
+def cublas_width_probe(T=16384, widths=(256, 264, 272, 288, 320, 384, 512), ds=(1024, 4096)):
+    """cuBLAS ``x @ w`` (bf16) time against w's width: how much of the projection's cost at
+    R = 264 (G 8 + E 256) is tile quantization. Prints one line per (d, width)."""
+    import bench_routing as br
+    import torch
+
+    for d in ds:
+        x = [torch.randn(T, d, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        for n in widths:
+            w = torch.randn(d, n, device="cuda", dtype=torch.bfloat16) * d**-0.5
+            t = br.time_graph(lambda x, w: x @ w, [(xi, w) for xi in x])
+            print(f"cuBLAS width probe: T={T} d={d} N={n}: {t:.1f} µs")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", type=int)
@@ -151,7 +165,12 @@ def main():
     ap.add_argument("--budget", type=float, default=220)
     ap.add_argument("--l2-probe", action="store_true",
                     help="only measure L2 → SM read bandwidth (l2_probe) and exit")
+    ap.add_argument("--width-probe", action="store_true",
+                    help="only time cuBLAS x @ w against w's width and exit")
     a = ap.parse_args()
+    if a.width_probe:
+        cublas_width_probe()
+        return
     if a.l2_probe:
         for progs in (128, 132, 264):
             t, tbs = l2_probe(programs=progs)
