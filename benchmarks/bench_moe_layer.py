@@ -9,10 +9,16 @@ Uses ``mhc.moe.MHCFFN`` (the model's own layer) at T = 16384 tokens, d = 1024, E
   dense         the dense SwiGLU FFN with the same active parameters (width 512·2 = 1024)
 
 Time per step = median of CUDA-event-timed iterations (fwd + bwd of a scalar loss with the
-router's aux and z losses), after warm-up. Eager mode: the layer has host syncs (the router's
-``bincount``, the reference loop's ``counts.tolist()``), so no CUDA graph.
+router's aux and z losses), after warm-up, two ways:
 
-    PYTHONUNBUFFERED=1 python benchmarks/bench_moe_layer.py [--json out.json]
+  eager   the step as a training loop runs it: includes Python, autograd and launch overhead
+          (at these sizes the host, not the GPU, sets the pace, so it moves between machines)
+  graph   the same step captured once in a CUDA graph and replayed: GPU time alone. Only
+          variants without host syncs can be captured: the torch reference syncs (``bincount``
+          in ``permute``/``expert_counts``, ``counts.tolist()`` in its grouped matmul), so its
+          two variants show n/a.
+
+    PYTHONUNBUFFERED=1 python benchmarks/bench_moe_layer.py [--json out.json] [--profile]
 """
 
 from __future__ import annotations
@@ -63,6 +69,50 @@ def bench_layer(layer, x, iters=20, warmup=5):
     return times[len(times) // 2]
 
 
+def bench_layer_graph(layer, x, iters=20):
+    """GPU ms per fwd+bwd step from CUDA-graph replay; ``None`` when the step cannot be
+    captured (a host sync inside it)."""
+    xi = x.detach().clone().requires_grad_()
+
+    def step():
+        y, aux = layer(xi)
+        (y.float().square().mean() + 0.01 * aux.aux_loss + 1e-3 * aux.z_loss).backward()
+
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                layer.zero_grad(set_to_none=True)
+                xi.grad = None
+                step()
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        layer.zero_grad(set_to_none=True)
+        xi.grad = None
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
+        g.replay()
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - a sync inside the step: report n/a
+        torch.cuda.synchronize()
+        print(f"    (graph capture failed: {type(e).__name__}: {str(e)[:100]})")
+        return None
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e-3)
+    del g
+    layer.zero_grad(set_to_none=True)
+    times.sort()
+    return times[len(times) // 2]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=16384)
@@ -98,8 +148,13 @@ def main(argv=None):
         layer = dense if name == "dense" else moe
         try:
             t = bench_layer(layer, x)
-            results[name] = dict(step_ms=t * 1e3, tokens_per_s=T / t)
-            print(f"{name:12} {t * 1e3:8.2f} ms/step  {T / t:12,.0f} tokens/s", flush=True)
+            tg = bench_layer_graph(layer, x)
+            results[name] = dict(step_ms=t * 1e3, tokens_per_s=T / t,
+                                 graph_step_ms=tg * 1e3 if tg else None,
+                                 graph_tokens_per_s=T / tg if tg else None)
+            gs = f"{tg * 1e3:8.2f} ms/step  {T / tg:12,.0f} tokens/s" if tg else "n/a"
+            print(f"{name:12} eager {t * 1e3:8.2f} ms/step  {T / t:12,.0f} tokens/s | "
+                  f"graph {gs}", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"{name}: failed: {type(e).__name__}: {e}"[:300])
         finally:
@@ -123,8 +178,11 @@ def main(argv=None):
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18,
                                         max_name_column_width=60))
     if "triton" in results:
+        tr = results["triton"]
         for v in results.values():
-            v["triton_speedup"] = results["triton"]["tokens_per_s"] / v["tokens_per_s"]
+            v["triton_speedup"] = tr["tokens_per_s"] / v["tokens_per_s"]
+            if tr["graph_tokens_per_s"] and v["graph_tokens_per_s"]:
+                v["triton_speedup_graph"] = tr["graph_tokens_per_s"] / v["graph_tokens_per_s"]
     meta = dict(gpu=torch.cuda.get_device_name(0), torch=torch.__version__, T=T, d=d,
                 hidden=args.hidden, E=64, G=8, C=8, k1=1, k2=2, dtype="bfloat16")
     print(json.dumps(dict(meta=meta, results=results), indent=1))
