@@ -41,8 +41,7 @@ from kernels.routing import ops, reference  # noqa: E402
 def _hybrid():
     from kernels.routing import triton_ops
 
-    m = types.SimpleNamespace(**{n: getattr(reference, n) for n in
-                                 ("route", "gate", "permute", "combine")})
+    m = types.SimpleNamespace(**{n: getattr(reference, n) for n in triton_ops.__all__})
     m.grouped_mm = triton_ops.grouped_mm
     return m
 
