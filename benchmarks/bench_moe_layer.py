@@ -17,6 +17,8 @@ router's aux and z losses), after warm-up, two ways:
           variants without host syncs can be captured: the torch reference syncs (``bincount``
           in ``permute``/``expert_counts``, ``counts.tolist()`` in its grouped matmul), so its
           two variants show n/a.
+  busy    GPU-busy time per step from the profiler (the sum of kernel and copy durations over
+          5 eager steps): comparable across all variants, the uncapturable ones included.
 
     PYTHONUNBUFFERED=1 python benchmarks/bench_moe_layer.py [--json out.json] [--profile]
 """
@@ -112,6 +114,26 @@ def bench_layer_graph(layer, x, iters=20):
     return times[len(times) // 2]
 
 
+def gpu_busy_ms(layer, x, steps=5):
+    """Sum of the GPU activity (kernels, copies) the profiler records per eager step, in ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        xi = x.detach().requires_grad_()
+        y, aux = layer(xi)
+        (y.float().square().mean() + 0.01 * aux.aux_loss + 1e-3 * aux.z_loss).backward()
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+             for e in prof.key_averages())
+    return us / steps / 1e3
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=16384)
@@ -148,12 +170,14 @@ def main(argv=None):
         try:
             t = bench_layer(layer, x)
             tg = bench_layer_graph(layer, x)
+            busy = gpu_busy_ms(layer, x)
             results[name] = dict(step_ms=t * 1e3, tokens_per_s=T / t,
                                  graph_step_ms=tg * 1e3 if tg else None,
-                                 graph_tokens_per_s=T / tg if tg else None)
-            gs = f"{tg * 1e3:8.2f} ms/step  {T / tg:12,.0f} tokens/s" if tg else "n/a"
-            print(f"{name:12} eager {t * 1e3:8.2f} ms/step  {T / t:12,.0f} tokens/s | "
-                  f"graph {gs}", flush=True)
+                                 graph_tokens_per_s=T / tg if tg else None,
+                                 gpu_busy_ms=busy)
+            gs = f"{tg * 1e3:6.2f} ms ({T / tg / 1e6:5.2f} M tok/s)" if tg else "n/a"
+            print(f"{name:12} eager {t * 1e3:6.2f} ms ({T / t / 1e6:5.2f} M tok/s) | "
+                  f"graph {gs} | GPU busy {busy:6.2f} ms", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"{name}: failed: {type(e).__name__}: {e}"[:300])
         finally:
