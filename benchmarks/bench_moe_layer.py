@@ -48,21 +48,21 @@ def _hybrid():
     return m
 
 
-def bench_layer(layer, x, iters=20, warmup=5):
-    def step():
-        xi = x.detach().requires_grad_()
-        y, aux = layer(xi)
-        loss = y.float().square().mean() + 0.01 * aux.aux_loss + 1e-3 * aux.z_loss
-        loss.backward()
+def train_step(layer, x):
+    """One forward + backward of the layer on ``x`` (a fresh leaf that wants its gradient):
+    loss = mean(y²) + the router's aux and z losses."""
+    xi = x.detach().requires_grad_()
+    y, aux = layer(xi)
+    (y.float().square().mean() + 0.01 * aux.aux_loss + 1e-3 * aux.z_loss).backward()
 
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
+
+def _median_event_s(run, iters):
+    """Median seconds of ``run()`` between two CUDA events (GPU timeline span)."""
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        step()
+        run()
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) * 1e-3)
@@ -70,65 +70,58 @@ def bench_layer(layer, x, iters=20, warmup=5):
     return times[len(times) // 2]
 
 
+def bench_layer(layer, x, iters=20, warmup=5):
+    """Seconds per eager step (the host's pace when it is slower than the GPU)."""
+    for _ in range(warmup):
+        train_step(layer, x)
+    torch.cuda.synchronize()
+    return _median_event_s(lambda: train_step(layer, x), iters)
+
+
 def bench_layer_graph(layer, x, iters=20):
-    """GPU ms per fwd+bwd step from CUDA-graph replay; ``None`` when the step cannot be
+    """GPU seconds per fwd+bwd step from CUDA-graph replay; ``None`` when the step cannot be
     captured (a host sync inside it)."""
-    xi = x.detach().clone().requires_grad_()
-
-    def step():
-        y, aux = layer(xi)
-        (y.float().square().mean() + 0.01 * aux.aux_loss + 1e-3 * aux.z_loss).backward()
-
     try:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(3):
                 layer.zero_grad(set_to_none=True)
-                xi.grad = None
-                step()
+                train_step(layer, x)
         torch.cuda.current_stream().wait_stream(s)
         torch.cuda.synchronize()
         layer.zero_grad(set_to_none=True)
-        xi.grad = None
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            step()
+            train_step(layer, x)
         g.replay()
         torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001 - a sync inside the step: report n/a
         torch.cuda.synchronize()
         print(f"    (graph capture failed: {type(e).__name__}: {str(e)[:100]})")
         return None
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3)
+    t = _median_event_s(g.replay, iters)
     del g
     layer.zero_grad(set_to_none=True)
-    times.sort()
-    return times[len(times) // 2]
+    return t
+
+
+def profile_steps(layer, x, steps):
+    """Profiler (GPU activity only) over ``steps`` eager steps, after one untimed step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    train_step(layer, x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            train_step(layer, x)
+        torch.cuda.synchronize()
+    return prof
 
 
 def gpu_busy_ms(layer, x, steps=5):
     """Sum of the GPU activity (kernels, copies) the profiler records per eager step, in ms."""
-    from torch.profiler import ProfilerActivity, profile
-
-    def step():
-        xi = x.detach().requires_grad_()
-        y, aux = layer(xi)
-        (y.float().square().mean() + 0.01 * aux.aux_loss + 1e-3 * aux.z_loss).backward()
-
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
+    prof = profile_steps(layer, x, steps)
     us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
              for e in prof.key_averages())
     return us / steps / 1e3
@@ -183,21 +176,8 @@ def main(argv=None):
         finally:
             ops._impl = orig_impl
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
         kernels.set_backend("triton")
-
-        def one():
-            xi = x.detach().requires_grad_()
-            y, aux = moe(xi)
-            (y.float().square().mean() + 0.01 * aux.aux_loss + 1e-3 * aux.z_loss).backward()
-
-        one()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                one()
-            torch.cuda.synchronize()
+        prof = profile_steps(moe, x, 3)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18,
                                         max_name_column_width=60))
     if "triton" in results:
