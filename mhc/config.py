@@ -149,7 +149,8 @@ class TrainConfig:
     eval_batches: int = 20
     log_every: int = 10
     checkpoint_every: int = 500
-    max_minutes: float = 0.0  # > 0 stops training at this wall-clock budget
+    max_minutes: float = 0.0  # > 0: before training, time a few steps and set `steps` to fit
+    compile: bool = False  # torch.compile the model (CUDA; see docs/benchmarks.md)
     out_dir: str = "runs/default"
     device: str = "auto"
     threads: int = 0  # 0 = torch default
