@@ -10,9 +10,24 @@ Selection kinds (one family, the same top-k machinery with different masks):
                       top-K experts are chosen among them.
   * ``two_level``     hierarchical / progressive mHC: R = G + E logits; level 1 is a softmax
                       over the first G (domains), top-K1 domains; level 2 is a softmax over the
-                      C components of each chosen domain, top-k2 there. Weight =
-                      p(domain)·p(component | domain).
-In every kind the chosen weights are renormalized to sum to 1 per token. An optional ``bias_R``
+                      C components of each chosen domain, top-k2 there.
+
+Weights. ``flat`` / ``group_limited``: the chosen probabilities renormalized to sum to 1 per
+token. ``two_level``: renormalized within level 2 only,
+
+    w(g, c) = p(g) · p(c | g) / Σ_{c' picked in g} p(c' | g),
+
+so a token's weights sum to Σ_{g picked} p(g) ≤ 1. Why not renormalize across both levels:
+then p(g) cancels whenever k1 = 1 (the weights become p(c|g)/Σ p(c'|g)), and the level-1
+router gets no gradient from the language-model loss at all — only the auxiliary losses
+would train it. Keeping p(g) as a scale on its domain's output is Switch Transformer's
+top-1 rule applied to level 1 (the gate value of a single pick is used unnormalized, which is
+what lets the router learn), while inside a domain the components stay a convex combination
+(a plain renormalized top-k2 MoE). The fully unnormalized product p(g)·p(c|g) would also
+learn, but shrinks the layer's output by the level-2 mass too (to 1/16 at k 2×2 of 8×8 with
+uniform routers); with one domain (G = 1, p(g) = 1) the rule reduces to ``flat``.
+
+An optional ``bias_R``
 (aux-loss-free balancing) is added to the probabilities for *selection only*; weights use the
 unbiased probabilities. ``forced_groups_TK1`` (two_level) replaces the level-1 choice, e.g.
 with a domain chosen once per sequence (progressive routing) or a label.
@@ -83,14 +98,17 @@ def gate(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Select experts from router logits. Returns ``(weights_TK, ids_TK)``.
 
-    ``weights_TK`` are in ``logits_TR``'s dtype (computed in float32), non-negative and sum to
-    1 per token; ``ids_TK`` are int64 expert ids in ``[0, E)``, distinct per token.
+    ``weights_TK`` are in ``logits_TR``'s dtype (computed in float32, or float64 for float64
+    logits), non-negative, summing to
+    1 per token (``flat``, ``group_limited``) or to the chosen domains' p(g) (``two_level``,
+    see the module docstring); ``ids_TK`` are int64 expert ids in ``[0, E)``, distinct per
+    token.
     """
     T, R = logits_TR.shape
     if R != spec.n_router_outputs:
         raise ValueError(f"logits have {R} columns, spec needs {spec.n_router_outputs}")
-    logits = logits_TR.float()
-    bias = None if bias_R is None else bias_R.float()
+    logits = logits_TR.to(torch.promote_types(logits_TR.dtype, torch.float32))
+    bias = None if bias_R is None else bias_R.to(logits.dtype)
     G, C, K1 = spec.n_groups, spec.n_components, spec.k1
     if spec.kind == "two_level":
         probs_TG = torch.softmax(logits[:, :G], dim=-1)
@@ -109,6 +127,7 @@ def gate(
         idx = groups_TK1[:, :, None].expand(T, K1, C)
         _, comp_TK1k2 = topk_lowest_index_ties(sel_TGC.gather(1, idx), spec.k2)
         p_comp_TK1k2 = probs_TGC.gather(1, idx).gather(2, comp_TK1k2)
+        p_comp_TK1k2 = p_comp_TK1k2 / p_comp_TK1k2.sum(-1, keepdim=True).clamp_min(1e-20)
         weights_TK = (p_group_TK1[:, :, None] * p_comp_TK1k2).reshape(T, spec.top_k)
         ids_TK = (groups_TK1[:, :, None] * C + comp_TK1k2).reshape(T, spec.top_k)
     else:
@@ -124,7 +143,7 @@ def gate(
             sel_TE = sel_TE.masked_fill(~keep_TE, float("-inf"))
         _, ids_TK = topk_lowest_index_ties(sel_TE, spec.top_k)
         weights_TK = probs_TE.gather(1, ids_TK)
-    weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
     return weights_TK.to(logits_TR.dtype), ids_TK
 
 

@@ -178,15 +178,18 @@ def _select_two_level(
             rsel = rsel + tl.load(bias_ptr + col, mask=mask_t[:, None] & cmask,
                                   other=0.0).to(tl.float32)
         rsel = tl.where(cmask, rsel, float("-inf"))
+        sc = tl.zeros([lg.shape[0]], dtype=tl.float32)  # Σ p(c|g) over this domain's picks
         for j in tl.static_range(K2):
             m2 = tl.max(rsel, axis=1)
             ci = tl.minimum(tl.min(tl.where(rsel == m2[:, None], c2, BIG), axis=1), C - 1)
             pci = tl.sum(tl.where(c2 == ci[:, None], rp, 0.0), axis=1)
             rsel = tl.where(c2 == ci[:, None], float("-inf"), rsel)
-            w_acc = tl.where(kk == i * K2 + j, (pgi * pci)[:, None], w_acc)
+            sc += pci
+            w_acc = tl.where(kk == i * K2 + j, pci[:, None], w_acc)
             id_acc = tl.where(kk == i * K2 + j, (gi * C + ci)[:, None], id_acc)
-    s = tl.sum(w_acc, axis=1)
-    w_acc = w_acc / tl.maximum(s, 1e-20)[:, None]
+        # renormalize within level 2 only, scaled by p(g) (reference.py: why)
+        mine = (kk >= i * K2) & (kk < i * K2 + K2)
+        w_acc = tl.where(mine, w_acc * (pgi / tl.maximum(sc, 1e-20))[:, None], w_acc)
     return w_acc, id_acc
 
 
@@ -243,8 +246,10 @@ def _gate_bwd_kernel(
     GW: tl.constexpr, GP: tl.constexpr, CP: tl.constexpr, KIND: tl.constexpr,
     HAS_EXT: tl.constexpr, BT: tl.constexpr,
 ):
-    """d logits from d weights (through renormalization and the softmaxes), plus an external
-    d logits (aux / z losses). The selection itself is piecewise constant: no gradient."""
+    """d logits from d weights (through the renormalization and the softmaxes), plus an
+    external d logits (aux / z losses). The selection itself is piecewise constant: no
+    gradient. two_level picks are laid out as the forward writes them: domain pick i owns
+    slots i·K2 .. i·K2 + K2 − 1."""
     R: tl.constexpr = G * C + G if KIND == 2 else G * C
     OFF: tl.constexpr = G if KIND == 2 else 0
     K: tl.constexpr = K1 * K2
@@ -260,48 +265,54 @@ def _gate_bwd_kernel(
     le = le.to(tl.float32)
     gw = tl.arange(0, GW)[None, :]
     mg = mask_t[:, None] & (gw < G)
-    # pass 1: unnormalized weights and their sum
+    e3 = g3 * C + c3
+    dpe = tl.zeros([BT, GP, CP], dtype=tl.float32)  # d p(e) (flat) / d p(c|g) (two_level)
+    dpg = tl.zeros([BT, GW], dtype=tl.float32)
     if KIND == 2:
+        # ŵ_k = p(g) r_k, r_k = p(c_k|g) / S_g over the K2 picks k of domain pick i (S_g their
+        # sum):  d p(g) = Σ_k dŵ_k r_k,  d p(c_k|g) = p(g)/S_g · (dŵ_k − d p(g))
         lg = tl.load(row[:, None] + gw, mask=mg, other=float("-inf")).to(tl.float32)
         pg = _softmax_last(lg, 1)
         pc = _softmax_last(le, 2)
+        for i in tl.static_range(K1):
+            gi = tl.load(ids_ptr + t64 * K + i * K2, mask=mask_t, other=0).to(tl.int32) // C
+            pgi = tl.sum(tl.where(gw == gi[:, None], pg, 0.0), axis=1)
+            sg = tl.zeros([BT], dtype=tl.float32)
+            sdw = tl.zeros([BT], dtype=tl.float32)
+            for j in tl.static_range(K2):
+                idk = tl.load(ids_ptr + t64 * K + i * K2 + j, mask=mask_t, other=0).to(tl.int32)
+                dwk = tl.load(dw_ptr + t64 * K + i * K2 + j, mask=mask_t, other=0.0)
+                hit = (e3 == idk[:, None, None]) & valid3
+                pck = tl.sum(tl.sum(tl.where(hit, pc, 0.0), axis=2), axis=1)
+                sg += pck
+                sdw += dwk.to(tl.float32) * pck
+            sg = tl.maximum(sg, 1e-20)
+            dpgi = sdw / sg
+            for j in tl.static_range(K2):
+                idk = tl.load(ids_ptr + t64 * K + i * K2 + j, mask=mask_t, other=0).to(tl.int32)
+                dwk = tl.load(dw_ptr + t64 * K + i * K2 + j, mask=mask_t, other=0.0)
+                hit = (e3 == idk[:, None, None]) & valid3
+                dpe += tl.where(hit, ((dwk.to(tl.float32) - dpgi) * pgi / sg)[:, None, None], 0.0)
+            dpg += tl.where(gw == gi[:, None], dpgi[:, None], 0.0)
     else:
+        # ŵ_k = p_k / S over all K picks:  d p_k = (dŵ_k − Σ_j dŵ_j ŵ_j) / S
         p = _softmax_gc(le)
-    e3 = g3 * C + c3
-    s = tl.zeros([BT], dtype=tl.float32)
-    sdw = tl.zeros([BT], dtype=tl.float32)
-    for k in tl.static_range(K):
-        idk = tl.load(ids_ptr + t64 * K + k, mask=mask_t, other=0).to(tl.int32)
-        dwk = tl.load(dw_ptr + t64 * K + k, mask=mask_t, other=0.0).to(tl.float32)
-        if KIND == 2:
-            gk = idk // C
-            pgk = tl.sum(tl.where(gw == gk[:, None], pg, 0.0), axis=1)
-            hit = (e3 == idk[:, None, None]) & valid3
-            pck = tl.sum(tl.sum(tl.where(hit, pc, 0.0), axis=2), axis=1)
-            wk = pgk * pck
-        else:
+        s = tl.zeros([BT], dtype=tl.float32)
+        sdw = tl.zeros([BT], dtype=tl.float32)
+        for k in tl.static_range(K):
+            idk = tl.load(ids_ptr + t64 * K + k, mask=mask_t, other=0).to(tl.int32)
+            dwk = tl.load(dw_ptr + t64 * K + k, mask=mask_t, other=0.0).to(tl.float32)
             hit = (e3 == idk[:, None, None]) & valid3
             wk = tl.sum(tl.sum(tl.where(hit, p, 0.0), axis=2), axis=1)
-        s += wk
-        sdw += dwk * wk
-    s = tl.maximum(s, 1e-20)
-    corr = sdw / s  # Σ_j dŵ_j ŵ_j
-    # pass 2: d unnormalized weights -> d probabilities
-    dpe = tl.zeros([BT, GP, CP], dtype=tl.float32)
-    dpg = tl.zeros([BT, GW], dtype=tl.float32)
-    for k in tl.static_range(K):
-        idk = tl.load(ids_ptr + t64 * K + k, mask=mask_t, other=0).to(tl.int32)
-        dwk = tl.load(dw_ptr + t64 * K + k, mask=mask_t, other=0.0).to(tl.float32)
-        dwk = (dwk - corr) / s
-        hit = (e3 == idk[:, None, None]) & valid3
-        if KIND == 2:
-            gk = idk // C
-            pgk = tl.sum(tl.where(gw == gk[:, None], pg, 0.0), axis=1)
-            pck = tl.sum(tl.sum(tl.where(hit, pc, 0.0), axis=2), axis=1)
-            dpe += tl.where(hit, (dwk * pgk)[:, None, None], 0.0)
-            dpg += tl.where(gw == gk[:, None], (dwk * pck)[:, None], 0.0)
-        else:
-            dpe += tl.where(hit, dwk[:, None, None], 0.0)
+            s += wk
+            sdw += dwk * wk
+        s = tl.maximum(s, 1e-20)
+        corr = sdw / s
+        for k in tl.static_range(K):
+            idk = tl.load(ids_ptr + t64 * K + k, mask=mask_t, other=0).to(tl.int32)
+            dwk = tl.load(dw_ptr + t64 * K + k, mask=mask_t, other=0.0).to(tl.float32)
+            hit = (e3 == idk[:, None, None]) & valid3
+            dpe += tl.where(hit, ((dwk - corr) / s)[:, None, None], 0.0)
     # softmax backward
     if KIND == 2:
         dlg = pg * (dpg - tl.sum(pg * dpg, axis=1)[:, None])

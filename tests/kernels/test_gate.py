@@ -93,6 +93,28 @@ def test_gate_grad(spec):
     assert_close(a.grad, b.grad, table=GRAD_TOL)
 
 
+@pytest.mark.parametrize("spec", [GateSpec("two_level", 5, 6, 2, 3),
+                                  GateSpec("two_level", 4, 3, 1, 2)], ids=_ids)
+def test_gate_grad_forced_and_bias(spec):
+    """two_level backward with forced domains (not the top ones) and a selection bias: the
+    kernel groups a token's picks by domain slot, as the forward lays them out."""
+    T = 17
+    logits = _logits(T, spec, torch.float32, seed=14)
+    g = torch.Generator().manual_seed(15)
+    bias = (torch.randn(spec.n_router_outputs, generator=g) * 0.2).to(DEVICE)
+    forced = torch.stack([torch.randperm(spec.n_groups, generator=g)[: spec.k1]
+                          for _ in range(T)]).to(DEVICE)
+    dw = torch.randn(T, spec.top_k, generator=g).to(DEVICE)
+    grads = []
+    for impl in (tg, ref):
+        a = logits.clone().requires_grad_()
+        w, ids = impl.gate(a, spec, bias, forced)
+        (w * dw).sum().backward()
+        grads.append((a.grad, ids))
+    assert torch.equal(grads[0][1], grads[1][1])
+    assert_close(grads[0][0], grads[1][0], table=GRAD_TOL)
+
+
 def _route_inputs(T, D, spec, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, D, generator=g).to(dtype).to(DEVICE)
@@ -185,7 +207,17 @@ def test_gate_property(spec, T, seed, dtype, ties):
     if T:
         assert (ids >= 0).all() and (ids < spec.n_experts).all()
         assert (ids.sort(1).values.diff(1) > 0).all()  # distinct per token
-        assert_close(w.float().sum(1), torch.ones(T, device=DEVICE), dtype=dtype, table=TOL)
+        assert_close(w.float().sum(1), _weight_sums(logits, ids, spec), dtype=dtype, table=TOL)
+
+
+def _weight_sums(logits, ids, spec):
+    """What a token's weights sum to: 1, or for two_level p(g) summed over the picked domains
+    (level 2 renormalized within each domain; reference.py says why)."""
+    T = logits.shape[0]
+    if spec.kind != "two_level":
+        return torch.ones(T, device=logits.device)
+    p_TG = torch.softmax(logits[:, : spec.n_groups].float(), -1)
+    return p_TG.gather(1, ids[:, :: spec.k2] // spec.n_components).sum(1)
 
 
 @pytest.mark.gpu
