@@ -1,23 +1,31 @@
-"""Memory backends behind one interface: ``write`` traces, ``retrieve`` candidates.
+"""Memory backends behind one protocol (``MemoryBackend``): ``write`` a session's traces,
+``retrieve`` candidates for queries, ``rows`` (a view for several queries per episode),
+``describe`` retrieved traces, ``clear``.
 
 * ``TensorMemory``: tensors on the model's device, one memory per batch row (an episode, i.e.
   a namespace), differentiable end to end: used inside training episodes. Search is a batched
-  matmul + top-k (no Python loop over rows or traces).
+  matmul + top-k (no Python loop over rows or traces, no host synchronisation).
 * ``StoreMemory`` (``engram.store_memory``): the persistent ``memory_store`` in latent space.
+
+The runner and the trainer hold a ``MemoryBackend`` and never ask which one it is.
 
 Both return ``Candidates``: for each batch row the traces any of its tokens retrieved, and for
 each token which of them are in its own top-k. Scope: a reader in session ``s`` sees only
 traces of sessions before ``s`` of its own namespace. Ranking score of trace m for query q:
 ``q·key_m + log σ(salience_m)`` — relevance plus the write gate's prior — computed as one
 inner product of augmented vectors (``retrieval_key``/``retrieval_query``), so a vector
-index ranks exactly as the tensor backend does.
+index ranks exactly as the tensor backend does. ``age_BM`` (reader's session − trace's
+session, ≥ 1 for every eligible trace) lets the reader prefer newer traces (facts updated in a
+later session).
 
-Shapes: B rows, T query tokens, M candidate traces, S tokens per trace, D model dim, K key dim.
+Shapes: B rows, T query tokens, M candidate traces, S tokens per trace, D model dim, K key dim,
+n traces written per row by one ``write``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +39,54 @@ class Candidates:
     tokens_BMS: torch.Tensor  # trace bytes (int64)
     salience_BM: torch.Tensor  # write-gate logits
     selected_BTM: torch.Tensor  # token t retrieved trace m (its top-k)
-    ids_BM: torch.Tensor  # trace ids (-1 = padding)
+    ids_BM: torch.Tensor  # backend trace ids (-1 = padding)
+    age_BM: torch.Tensor  # sessions between the reader and the trace (float, >= 1 if eligible)
+    scores_BTM: torch.Tensor  # retrieval score of trace m for token t (-inf if not selected)
 
     @property
     def n_traces(self) -> int:
         return self.key_BMK.shape[1]
+
+
+@dataclass
+class TraceBatch:
+    """n traces per row, made by ``EngramModel.encode_traces`` from one session's segments.
+    ``texts`` (the segments' text) and ``external_ids`` (stable ids such as
+    ``"s2/3"``: session s2, segment 3, so a re-run session overwrites instead of duplicating)
+    are what a persistent backend stores beside the tensors."""
+
+    key_BnK: torch.Tensor
+    hidden_BnSD: torch.Tensor
+    mask_BnS: torch.Tensor
+    tokens_BnS: torch.Tensor
+    salience_Bn: torch.Tensor
+    texts: list[list[str]] | None = None
+    external_ids: list[list[str]] | None = None
+    happened_at: list[str | None] | None = None  # per row (the session's date), if known
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.key_BnK.shape[:2])
+
+
+@runtime_checkable
+class MemoryBackend(Protocol):
+    """What the model, the trainer and the runner need of a memory."""
+
+    @property
+    def B(self) -> int: ...
+
+    def write(self, batch: TraceBatch, session: int, keep_Bn: torch.Tensor | None = None
+              ) -> None: ...  # session: the index of the session in the episode
+
+    def retrieve(self, query_BTK: torch.Tensor, session: int | torch.Tensor, k: int
+                 ) -> Candidates: ...
+
+    def rows(self, index: list[int]) -> MemoryBackend: ...
+
+    def describe(self, row: int, ids: list[int]) -> list[dict]: ...
+
+    def clear(self) -> None: ...
 
 
 def retrieval_key(key_NK: torch.Tensor, salience_N: torch.Tensor) -> torch.Tensor:
@@ -62,52 +113,130 @@ def topk_selection(scores_BTM: torch.Tensor, eligible_BM: torch.Tensor, k: int) 
     return sel & eligible_BM[:, None, :]
 
 
+def session_tensor(session: int | torch.Tensor, B: int, device) -> torch.Tensor:
+    """The reader's session per row, ``(B,)`` int64."""
+    if torch.is_tensor(session):
+        if session.shape != (B,):
+            raise ValueError(f"session must be an int or a ({B},) tensor, got {tuple(session.shape)}")
+        return session.to(device=device, dtype=torch.long)
+    return torch.full((B,), int(session), dtype=torch.long, device=device)
+
+
 class TensorMemory:
-    """In-RAM (on-device) traces for a batch of episodes; gradients flow into keys, values and
-    salience, so the write side is trained by what the reads need."""
+    """On-device traces for a batch of episodes; gradients flow into keys, values and
+    salience, so the write side is trained by what the reads need.
+
+    ``namespaces`` / ``session_names`` (optional) name rows and session indices for
+    ``describe``; ``external_ids`` of written traces are kept per row."""
 
     def __init__(self, batch_size: int, d_model: int, key_dim: int, trace_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        self.B, self.D, self.K, self.S = batch_size, d_model, key_dim, trace_len
-        self.key_BMK = torch.zeros(batch_size, 0, key_dim, device=device, dtype=dtype)
-        self.hidden_BMSD = torch.zeros(batch_size, 0, trace_len, d_model, device=device,
-                                       dtype=dtype)
-        self.mask_BMS = torch.zeros(batch_size, 0, trace_len, dtype=torch.bool, device=device)
-        self.tokens_BMS = torch.zeros(batch_size, 0, trace_len, dtype=torch.long, device=device)
-        self.salience_BM = torch.zeros(batch_size, 0, device=device, dtype=dtype)
-        self.session_BM = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
-        self.valid_BM = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 namespaces: list[str] | None = None,
+                 session_names: list[list[str]] | None = None):
+        self._B, self.D, self.K, self.S = batch_size, d_model, key_dim, trace_len
+        self.device, self.dtype = torch.device(device), dtype
+        self.namespaces = namespaces  # None in training: no names, nothing kept on the host
+        self.session_names = session_names  # per row: the episode's session ids
+        self.read_scope = "earlier"  # or "previous": only the session just before
+        self.clear()
 
     @property
-    def size(self) -> int:
+    def B(self) -> int:
+        return self._B
+
+    @property
+    def size(self) -> int:  # slots, written or not
         return self.key_BMK.shape[1]
 
-    def write(self, key_BnK, hidden_BnSD, mask_BnS, tokens_BnS, salience_Bn, session: int,
-              keep_Bn: torch.Tensor | None = None) -> None:
-        """Append n traces per row from ``session``; ``keep_Bn`` marks which are written
-        (others are stored as invalid slots so shapes stay rectangular)."""
-        B, n = key_BnK.shape[:2]
-        if B != self.B:
-            raise ValueError(f"memory holds {self.B} rows, got {B}")
-        if hidden_BnSD.shape[2] != self.S:
-            raise ValueError(f"trace length {hidden_BnSD.shape[2]} != memory's {self.S}")
-        keep = torch.ones(B, n, dtype=torch.bool, device=key_BnK.device) if keep_Bn is None \
-            else keep_Bn.to(torch.bool)
-        self.key_BMK = torch.cat([self.key_BMK, key_BnK.to(self.key_BMK.dtype)], 1)
-        self.hidden_BMSD = torch.cat([self.hidden_BMSD, hidden_BnSD.to(self.hidden_BMSD.dtype)], 1)
-        self.mask_BMS = torch.cat([self.mask_BMS, mask_BnS], 1)
-        self.tokens_BMS = torch.cat([self.tokens_BMS, tokens_BnS.long()], 1)
-        self.salience_BM = torch.cat([self.salience_BM, salience_Bn.to(self.salience_BM.dtype)], 1)
-        self.session_BM = torch.cat(
-            [self.session_BM, torch.full((B, n), session, device=key_BnK.device)], 1)
-        self.valid_BM = torch.cat([self.valid_BM, keep], 1)
+    def clear(self) -> None:
+        B, dev, dt = self._B, self.device, self.dtype
+        self.key_BMK = torch.zeros(B, 0, self.K, device=dev, dtype=dt)
+        self.hidden_BMSD = torch.zeros(B, 0, self.S, self.D, device=dev, dtype=dt)
+        self.mask_BMS = torch.zeros(B, 0, self.S, dtype=torch.bool, device=dev)
+        self.tokens_BMS = torch.zeros(B, 0, self.S, dtype=torch.long, device=dev)
+        self.salience_BM = torch.zeros(B, 0, device=dev, dtype=dt)
+        self.session_BM = torch.zeros(B, 0, dtype=torch.long, device=dev)
+        self.valid_BM = torch.zeros(B, 0, dtype=torch.bool, device=dev)
+        self.external_ids: list[list[str | None]] = [[] for _ in range(B)]
 
-    def retrieve(self, query_BTK: torch.Tensor, session: int, k: int) -> Candidates:
-        eligible = self.valid_BM & (self.session_BM < session)
+    def write(self, batch: TraceBatch, session: int | torch.Tensor,
+              keep_Bn: torch.Tensor | None = None) -> None:
+        """Append n traces per row from ``session`` (or a ``(B, n)`` tensor of sessions:
+        training writes every session of an episode at once); ``keep_Bn`` marks which are
+        written (the others are stored as invalid slots so shapes stay rectangular)."""
+        B, n = batch.shape
+        if B != self._B:
+            raise ValueError(f"memory holds {self._B} rows, got {B}")
+        width = batch.hidden_BnSD.shape[2]
+        if width > self.S:
+            raise ValueError(f"trace length {width} > the memory's {self.S}")
+        if width < self.S:  # traces are right-aligned: pad on the left with invalid tokens
+            pad = self.S - width
+            batch = TraceBatch(batch.key_BnK, F.pad(batch.hidden_BnSD, (0, 0, pad, 0)),
+                               F.pad(batch.mask_BnS, (pad, 0)), F.pad(batch.tokens_BnS, (pad, 0)),
+                               batch.salience_Bn, batch.texts, batch.external_ids)
+        dev = batch.key_BnK.device
+        keep = torch.ones(B, n, dtype=torch.bool, device=dev) if keep_Bn is None \
+            else keep_Bn.to(device=dev, dtype=torch.bool)
+        self.key_BMK = torch.cat([self.key_BMK, batch.key_BnK.to(self.dtype)], 1)
+        self.hidden_BMSD = torch.cat([self.hidden_BMSD, batch.hidden_BnSD.to(self.dtype)], 1)
+        self.mask_BMS = torch.cat([self.mask_BMS, batch.mask_BnS], 1)
+        self.tokens_BMS = torch.cat([self.tokens_BMS, batch.tokens_BnS.long()], 1)
+        self.salience_BM = torch.cat([self.salience_BM, batch.salience_Bn.to(self.dtype)], 1)
+        sess = session.to(device=dev, dtype=torch.long) if torch.is_tensor(session) else \
+            torch.full((B, n), int(session), dtype=torch.long, device=dev)
+        self.session_BM = torch.cat([self.session_BM, sess], 1)
+        self.valid_BM = torch.cat([self.valid_BM, keep], 1)
+        if self.namespaces is not None:
+            for b in range(B):
+                ids = batch.external_ids[b] if batch.external_ids else [None] * n
+                self.external_ids[b].extend(ids)
+
+    def retrieve(self, query_BTK: torch.Tensor, session: int | torch.Tensor, k: int) -> Candidates:
+        sess_B = session_tensor(session, self._B, query_BTK.device)[:, None]
+        if self.read_scope == "previous":
+            eligible = self.valid_BM & (self.session_BM == sess_B - 1)
+        else:
+            eligible = self.valid_BM & (self.session_BM < sess_B)
         scores = torch.einsum("btk,bmk->btm", retrieval_query(query_BTK.float()),
                               retrieval_key(self.key_BMK.float(), self.salience_BM.float()))
         selected = topk_selection(scores, eligible, k)
-        ids = torch.arange(self.size, device=query_BTK.device).expand(self.B, -1)
+        ids = torch.arange(self.size, device=query_BTK.device).expand(self._B, -1)
         ids = ids.masked_fill(~eligible, -1)
+        age = (sess_B - self.session_BM).float()
         return Candidates(self.key_BMK, self.hidden_BMSD, self.mask_BMS, self.tokens_BMS,
-                          self.salience_BM, selected, ids)
+                          self.salience_BM, selected, ids, age,
+                          scores.masked_fill(~selected, float("-inf")))
+
+    def rows(self, index: list[int] | torch.Tensor) -> TensorMemory:
+        """A memory whose row r is this memory's row ``index[r]`` (shared tensors, gradients
+        flow back): several queries of one episode read the same memory."""
+        idx = torch.as_tensor(index, dtype=torch.long).to(self.key_BMK.device)
+        view = TensorMemory.__new__(TensorMemory)
+        view._B, view.D, view.K, view.S = len(index), self.D, self.K, self.S
+        view.device, view.dtype, view.read_scope = self.device, self.dtype, self.read_scope
+        if self.namespaces is None:
+            view.namespaces = view.session_names = view.external_ids = None
+        else:  # names for describe(): host lists (the runner's path, not training's)
+            host = idx.tolist()
+            view.namespaces = [self.namespaces[i] for i in host]
+            view.session_names = [self.session_names[i] for i in host] \
+                if self.session_names else None
+            view.external_ids = [self.external_ids[i] for i in host]
+        for name in ("key_BMK", "hidden_BMSD", "mask_BMS", "tokens_BMS", "salience_BM",
+                     "session_BM", "valid_BM"):
+            setattr(view, name, getattr(self, name).index_select(0, idx))
+        return view
+
+    def describe(self, row: int, ids: list[int]) -> list[dict]:
+        """Namespace, session and external id of slots ``ids`` of row ``row``."""
+        if self.namespaces is None:
+            raise ValueError("TensorMemory.describe needs a memory made with namespaces")
+        sessions = self.session_BM[row].tolist()
+        out = []
+        for i in ids:
+            s = sessions[i]
+            name = self.session_names[row][s] if self.session_names else str(s)
+            out.append({"id": int(i), "namespace": self.namespaces[row], "session": name,
+                        "external_id": self.external_ids[row][i]})
+        return out

@@ -13,7 +13,9 @@ import os
 from dataclasses import dataclass, field, replace
 
 MEMORY_MODES = ("on", "off", "trained-off")
-WRITE_POLICIES = ("budget", "threshold")
+# budget: the learned gate's top fraction of a session's segments; threshold: σ(salience) above
+# write_threshold; random: as many as budget, chosen at random (the gate's baseline); all.
+WRITE_POLICIES = ("budget", "threshold", "random", "all")
 
 
 @dataclass

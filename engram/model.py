@@ -29,6 +29,7 @@ from mhc.model import MHCModel, ModelOutput
 class EngramOutput:
     out: ModelOutput
     reads: dict[int, ReadStats] = field(default_factory=dict)
+    candidates: dict[int, Candidates] = field(default_factory=dict)  # what each layer retrieved
 
 
 class EngramModel(nn.Module):
@@ -56,7 +57,11 @@ class EngramModel(nn.Module):
     def encode_traces(self, idx_NS: torch.Tensor, mask_NS: torch.Tensor | None = None,
                       backbone_grad: bool = True) -> WrittenTraces:
         """Run the backbone up to the memory layer and make one trace per segment
-        (``backbone_grad=False``: the backbone part runs without autograd)."""
+        (``backbone_grad=False``: the backbone part runs without autograd).
+
+        Pad segments on the right (``mask_NS`` a prefix of each row): the model is causal, so
+        a segment's states — and its trace — do not depend on the padding after it, and
+        ``engram traces reindex`` recomputes exactly what was written."""
         with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
             out = self.backbone(idx_NS, stop_after_layer=self.write_layer)
         mask = torch.ones_like(idx_NS, dtype=torch.bool) if mask_NS is None else mask_NS
@@ -71,11 +76,12 @@ class EngramModel(nn.Module):
         top_k: int | None = None,
         **backbone_kwargs,
     ) -> EngramOutput:
-        """``memory``: a backend (``TensorMemory`` / ``StoreMemory``) holding this batch's
-        traces; ``session``: the readers' session (they see traces of earlier sessions);
-        ``top_k``: traces per token (default ``cfg.top_k``)."""
+        """``memory``: a ``MemoryBackend`` (``TensorMemory`` / ``StoreMemory``) holding this
+        batch's traces; ``session``: the readers' session, an int or one per row (they see
+        traces of earlier sessions); ``top_k``: traces per token (default ``cfg.top_k``)."""
         k = top_k or self.cfg.top_k
         reads: dict[int, ReadStats] = {}
+        candidates: dict[int, Candidates] = {}
         hook = None
         if self.cfg.enabled and self.cfg.read and memory is not None:
             def hook(i: int, h: torch.Tensor) -> torch.Tensor:
@@ -85,7 +91,21 @@ class EngramModel(nn.Module):
                 q = reader.query(h)
                 cand: Candidates = memory.retrieve(q, session, k)
                 h, reads[i] = reader(h, q, cand)
+                candidates[i] = cand
                 return h
 
         out = self.backbone(idx_BS, targets_BS, layer_hook=hook, **backbone_kwargs)
-        return EngramOutput(out, reads)
+        return EngramOutput(out, reads, candidates)
+
+
+def model_version(model: EngramModel) -> str:
+    """A short content hash of the weights that make traces (backbone + writer): traces made
+    by different weights have different versions (their keys are stale for the other)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith(("backbone.", "writer.")):
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]

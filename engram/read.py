@@ -1,6 +1,11 @@
 """Engram read: at a chosen layer, every token retrieves its top-k traces and cross-attends
-over their tokens, with a learned null key/value (an empty memory is harmless), and the
-result is added to the residual stream through a learned tanh gate.
+over their tokens, with a learned null key whose value is fixed at zero, and the result is
+added to the residual stream through a learned tanh gate.
+
+An empty memory is exactly harmless, trained or not: a token that retrieved nothing puts all
+its attention on the null slot, whose value is zero, so the reader adds exactly nothing (and
+with no traces at all the residual stream is returned untouched). Attention mass on the null
+slot is how a token reads "less" from memory when what it retrieved is not relevant.
 
 Attention logit of query token t for trace m, trace token s, head h:
     τ_h · cos(q_th, k_msh)  +  retrieval_scale · cos(q_t, key_m)
@@ -9,7 +14,9 @@ values from trace token s+1 (what followed: the detail to copy), its hidden stat
 learned embedding of its byte. Queries and memory keys share
 one projection, so the same context in a trace and in the query lines up from the start;
 the token attention is cosine (QK-norm) with a learned per-head temperature τ, which keeps it
-sharp although residual-stream states at different positions are alike. A trace's values are
+sharp although residual-stream states at different positions are alike. A learned per-head
+recency slope times the trace's age in sessions is added to the logits, so a fact updated in a
+later session can win over its older value. A trace's values are
 scaled by σ(salience_m): how much a trace can contribute is what trains the write gate (a
 bias on the attention logits would stop mattering once attention is sharp).
 
@@ -32,9 +39,11 @@ from engram.config import EngramConfig
 
 @dataclass
 class ReadStats:
-    hits: float  # mean number of traces a token retrieved
-    gate: float  # tanh gate value
-    memory_mass: float  # attention mass on memory (not the null slot), mean over tokens
+    """Detached 0-d tensors (reading them is the caller's choice: no host sync here)."""
+
+    hits: torch.Tensor  # mean number of traces a token retrieved
+    gate: torch.Tensor  # tanh gate value
+    memory_mass: torch.Tensor  # attention mass on memory (not the null slot), mean over tokens
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +64,7 @@ class MemoryReader(nn.Module):
         self.retrieval_scale = nn.Parameter(torch.tensor(1.0))
         self.log_temperature = nn.Parameter(torch.full((H,), math.log(cfg.temperature_init)))
         self.null_key = nn.Parameter(torch.randn(H, cfg.key_dim // H) / math.sqrt(cfg.key_dim // H))
-        self.null_value = nn.Parameter(torch.zeros(H, cfg.value_dim // H))
+        self.recency = nn.Parameter(torch.zeros(H))  # logit slope per session of a trace's age
         self.gate_param = nn.Parameter(torch.tensor(math.atanh(cfg.gate_init)))
         for lin in (self.retrieval_query, self.token_key, self.token_value):
             nn.init.normal_(lin.weight, std=1 / math.sqrt(d_model))
@@ -106,31 +115,28 @@ class MemoryReader(nn.Module):
         q = F.normalize(self.token_key(_norm(h_BTD)).view(B, T, H, dh), dim=-1)
         null_k = F.normalize(self.null_key, dim=-1).to(q.dtype)
         null_logit = tau * torch.einsum("bthd,hd->bht", q, null_k)
-        null_v = self.null_value.to(q.dtype)[None, :, None, :]
         if not cfg.null_kv:  # no null slot: a token that retrieved nothing reads zeros
             null_logit = torch.full_like(null_logit, float("-inf"))
-            null_v = torch.zeros_like(null_v)
         M = cand.n_traces
         if M == 0 or cand.hidden_BMSD.shape[2] < 2:
-            mem_out = null_v.expand(B, H, T, dv)
-            mass = 0.0
-        else:
-            mk, mv = self._memory_keys_values(cand, h_BTD.dtype)
-            S1 = mk.shape[2]
-            valid = cand.mask_BMS[:, :, :-1] & cand.mask_BMS[:, :, 1:]  # (B, M, S1)
-            logits = tau[..., None, None] * torch.einsum("bthd,bmshd->bhtms", q, mk)
-            cos = torch.einsum("btk,bmk->btm", q_BTK, cand.key_BMK.to(q_BTK.dtype))
-            bias = self.retrieval_scale * cos
-            logits = logits + bias.to(logits.dtype)[:, None, :, :, None]
-            allowed = cand.selected_BTM[:, None, :, :, None] & valid[:, None, None]
-            logits = logits.masked_fill(~allowed, float("-inf")).reshape(B, H, T, M * S1)
-            full = torch.cat([logits, null_logit[..., None]], dim=-1)
-            attn = torch.softmax(full.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
-            mem_attn = attn[..., :-1].view(B, H, T, M, S1)
-            mem_out = torch.einsum("bhtms,bmshd->bhtd", mem_attn, mv)
-            mem_out = mem_out + attn[..., -1:] * null_v
-            mass = float(1 - attn[..., -1].detach().float().mean())
+            zero = h_BTD.new_zeros((), dtype=torch.float32)
+            return h_BTD, ReadStats(zero, self.gate().detach(), zero)
+        mk, mv = self._memory_keys_values(cand, h_BTD.dtype)
+        S1 = mk.shape[2]
+        valid = cand.mask_BMS[:, :, :-1] & cand.mask_BMS[:, :, 1:]  # (B, M, S1)
+        logits = tau[..., None, None] * torch.einsum("bthd,bmshd->bhtms", q, mk)
+        cos = torch.einsum("btk,bmk->btm", q_BTK, cand.key_BMK.to(q_BTK.dtype))
+        bias = (self.retrieval_scale * cos)[:, None]  # (B, 1, T, M)
+        recency = self.recency[None, :, None, None] * cand.age_BM.to(bias.dtype)[:, None, None]
+        logits = logits + (bias + recency).to(logits.dtype)[..., None]
+        allowed = cand.selected_BTM[:, None, :, :, None] & valid[:, None, None]
+        logits = logits.masked_fill(~allowed, float("-inf")).reshape(B, H, T, M * S1)
+        full = torch.cat([logits, null_logit[..., None]], dim=-1)
+        attn = torch.softmax(full.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
+        mem_attn = attn[..., :-1].view(B, H, T, M, S1)
+        mem_out = torch.einsum("bhtms,bmshd->bhtd", mem_attn, mv)
+        mass = 1 - attn[..., -1].detach().float().mean()
         y = self.out(mem_out.permute(0, 2, 1, 3).reshape(B, T, H * dv))
         g = self.gate()
-        hits = float(cand.selected_BTM.sum(-1).float().mean()) if M else 0.0
-        return h_BTD + g.to(h_BTD.dtype) * y, ReadStats(hits, float(g.detach()), mass)
+        hits = cand.selected_BTM.sum(-1).float().mean()
+        return h_BTD + g.to(h_BTD.dtype) * y, ReadStats(hits, g.detach(), mass)

@@ -46,20 +46,39 @@ class TraceWriter(nn.Module):
 
     def forward(self, hidden_NSD: torch.Tensor, mask_NS: torch.Tensor, tokens_NS: torch.Tensor
                 ) -> WrittenTraces:
+        """Pool the valid tokens into a key and a salience; keep the last
+        ``max_trace_tokens`` valid tokens as the value, right-aligned (so a segment's trace
+        is the same whether its batch was padded on the left or on the right)."""
         normed = F.rms_norm(hidden_NSD, (hidden_NSD.shape[-1],))
         scores = self.pool_score(normed).squeeze(-1).masked_fill(~mask_NS, float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
         pooled_ND = torch.einsum("ns,nsd->nd", weights, normed)
         key = F.normalize(self.key_proj(pooled_ND), dim=-1)
-        keep = self.cfg.max_trace_tokens
-        return WrittenTraces(key, hidden_NSD[:, -keep:], mask_NS[:, -keep:],
-                             self.salience(pooled_ND).squeeze(-1), tokens_NS[:, -keep:])
+        hidden, mask, tokens = right_align(hidden_NSD, mask_NS, tokens_NS,
+                                           min(self.cfg.max_trace_tokens, mask_NS.shape[1]))
+        return WrittenTraces(key, hidden, mask, self.salience(pooled_ND).squeeze(-1), tokens)
 
     def salience_loss(self, salience_N: torch.Tensor) -> torch.Tensor:
         """Pull the mean write probability towards the budget; what the reads need pushes
         individual segments up."""
         mean = torch.sigmoid(salience_N).mean()
         return self.cfg.salience_coef * (mean - self.cfg.salience_target) ** 2
+
+
+def right_align(hidden_NSD: torch.Tensor, mask_NS: torch.Tensor, tokens_NS: torch.Tensor,
+                width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The last ``width`` valid tokens of every row, moved to the right end: ``(N, width)``
+    layouts with the mask marking them (a gather; no Python loop, no host sync)."""
+    N, S = mask_NS.shape
+    from_end = torch.cumsum(mask_NS.flip(-1).long(), -1).flip(-1)  # valid tokens at >= p
+    keep = mask_NS & (from_end <= width)
+    slot = (width - from_end).clamp(0, width - 1)
+    dest = torch.where(keep, slot, torch.full_like(slot, width))  # width = a discard column
+    hidden = hidden_NSD.new_zeros(N, width + 1, hidden_NSD.shape[-1])
+    hidden.scatter_(1, dest[..., None].expand(-1, -1, hidden_NSD.shape[-1]), hidden_NSD)
+    tokens = tokens_NS.new_zeros(N, width + 1).scatter_(1, dest, tokens_NS)
+    mask = mask_NS.new_zeros(N, width + 1).scatter_(1, dest, keep)
+    return hidden[:, :width], mask[:, :width], tokens[:, :width]
 
 
 def select(salience_N: torch.Tensor, cfg: EngramConfig, policy: str | None = None,

@@ -1,120 +1,115 @@
-"""The memory ablation on the cross-session recall task (``engram ablate``, the main job).
+"""``engram ablate EXPERIMENT.yaml``: the memory ablation, arms × training seeds.
 
-Arms, per training seed:
-  * ``no-memory``        the plain mHC model (module absent), trained on the same episodes;
-  * ``trained-off``      the memory model, its module present but reading nothing;
-  * ``on (learned 30%)`` the memory model writing what its learned gate picks (30% budget);
-  * ``on (random 30%)``  the same model writing a random 30% (the gate's baseline);
-  * ``on (write all)``   the same model writing every segment.
-Evaluation episodes use locker names never seen in training. Results: ``ablation.json`` and
-``ablation.md`` (a table) in the output folder, and the table on stdout.
+For each seed: the memory model is trained once (with reads on) and evaluated as every arm
+that has the module (``trained-off``, ``on``, ``on:<write policy>``); the ``off`` arm is the
+plain mHC model (module absent) trained on the same episodes with the same trainer, steps and
+seed. Every arm evaluates the same episodes (the evaluation seed does not change with the
+training seed). Output, in the ablation folder:
+
+    ablation.json   the resolved config, one row per (seed, arm) with the seed it ran with,
+                    and mean ± std over seeds per arm and metric
+    ablation.md     the table (mean ± std), per-distance and per-session tables
+    ablation.png    bars with error bars; accuracy_by_session.png, accuracy_by_distance.png,
+                    training.png
+    seed<N>/memory/, seed<N>/no-memory/   run folders of the trained models
+    seed<N>/<arm>/  one evaluation each (probes, retrievals, store/, summary.json)
 """
 
 from __future__ import annotations
 
-import json
-import statistics
-import time
-from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+from sessions import report
+from sessions.experiment import ExperimentConfig, parse_arm, to_plain, with_seed
+from sessions.pipeline import arm_folder, evaluate_arm, evaluation_episodes, train_model
+from sessions.runner import Arm
+from sessions.runs import read_jsonl, start_run, write_json
 
-from engram.config import EngramConfig
-from engram.model import EngramModel
-from mhc.config import RunConfig
-from sessions.memory_train import (
-    MemoryTrainConfig,
-    answer_logits,
-    evaluate_recall,
-    save_memory_model,
-    train_recall,
-)
-from sessions.tasks.recall import RecallTask
-from sessions.train import lr_at, make_optimizer, pick_device
+METRICS = ("exact_match", "answer_bits_per_byte")
 
 
-def train_no_memory(run: RunConfig, cfg: MemoryTrainConfig, steps: int,
-                    progress: bool = True) -> EngramModel:
-    """The module-absent arm: the same episodes' questions, no memory to read."""
-    task = RecallTask(cfg.n_facts, cfg.n_distractors, split="train", seed=cfg.seed)
-    device = pick_device(run.train.device)
-    torch.manual_seed(cfg.seed)
-    model = EngramModel(run.model, EngramConfig(enabled=False)).to(device)
-    opt = make_optimizer(model, run)
-    for step in tqdm(range(steps), disable=not progress, mininterval=2.0, desc="no-memory"):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(run, step / steps, step)
-        batch = task.batch(step * cfg.batch_size, cfg.batch_size)
-        res = model(batch.question_BS.to(device), batch.targets_BS.to(device))
-        ans = answer_logits(res.out.logits, batch)
-        tgt = batch.targets_BS.gather(1, batch.answer_pos_B4).to(device)
-        loss = res.out.loss + cfg.answer_weight * F.cross_entropy(
-            ans.reshape(-1, ans.shape[-1]).float(), tgt.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), run.train.grad_clip or 1e9)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return model
-
-
-def run_ablation(run: RunConfig, engram_cfg: EngramConfig, cfg: MemoryTrainConfig,
-                 seeds: list[int], out_dir: Path, n_eval: int = 200, eval_seeds: int = 3,
-                 progress: bool = True, baseline: bool = True) -> dict:
-    """``baseline=False`` skips training the module-absent arm (reported as not run)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    engram_cfg = replace(engram_cfg, enabled=True, read=True)
-    eval_task = RecallTask(split="eval", seed=10_000)
-    results = []
+def run_ablation(exp: ExperimentConfig, out_dir: Path, progress: bool = True,
+                 resume: bool = False) -> dict:
+    out_dir = Path(out_dir)
+    arms, seeds = list(exp.ablate.arms), list(exp.ablate.seeds)
+    start_run(out_dir, to_plain(exp), seeds=seeds)
+    episodes = evaluation_episodes(exp)
+    rows, curves = [], {}
     for seed in seeds:
-        tcfg = replace(cfg, seed=seed)
-        began = time.perf_counter()
-        model = train_recall(run, engram_cfg, tcfg, progress=progress,
-                             metrics_path=out_dir / f"metrics_seed{seed}.jsonl")
-        train_s = time.perf_counter() - began
-        row = {"seed": seed, "train_seconds": train_s, "steps": model.train_steps}
-        if seed == seeds[0]:
-            save_memory_model(out_dir / "checkpoint", model, run, row["steps"],
-                              {"train_seconds": train_s})
-        row["on (learned 30%)"] = evaluate_recall(model, eval_task, n_eval, "budget")
-        row["on (random 30%)"] = [evaluate_recall(model, eval_task, n_eval, "random", seed=s)
-                                  for s in range(eval_seeds)]
-        row["on (write all)"] = evaluate_recall(model, eval_task, n_eval, "all")
-        row["trained-off"] = evaluate_recall(model, eval_task, n_eval, read=False)
-        if baseline:
-            plain = train_no_memory(run, tcfg, row["steps"], progress)
-            row["no-memory"] = evaluate_recall(plain, eval_task, n_eval, read=False)
-        else:
-            row["no-memory"] = None
-        results.append(row)
+        exp_s = with_seed(exp, seed)
+        base = out_dir / f"seed{seed}"
+        models = {}
+        if any(parse_arm(a)[0] != "off" for a in arms):
+            models["memory"] = train_model(exp_s, "on", base / "memory", progress, resume,
+                                           desc=f"seed {seed}: memory")
+        if "off" in arms:
+            models["no-memory"] = train_model(exp_s, "off", base / "no-memory", progress,
+                                              resume, desc=f"seed {seed}: no memory")
+        for name in models:
+            curves[f"{name} (seed {seed})"] = read_jsonl(base / name / "metrics.jsonl")
+        for a in arms:
+            arm = Arm.parse(a)
+            model, info = models["no-memory" if arm.memory == "off" else "memory"]
+            summary = evaluate_arm(model, arm, exp_s, episodes, base / arm_folder(a), progress,
+                                   resume)
+            rows.append({"seed": seed, "steps": info["steps"], **summary})
         if progress:
-            print(_table([row]))
-    summary = {"config": {"model": asdict(run.model), "engram": asdict(engram_cfg),
-                          "train": asdict(cfg)}, "seeds": results}
-    (out_dir / "ablation.json").write_text(json.dumps(summary, indent=1))
-    table = _table(results)
-    (out_dir / "ablation.md").write_text(table + "\n")
-    return {"table": table, **summary}
+            print(table([r for r in rows if r["seed"] == seed]))
+    result = {"config": to_plain(exp), "episodes": len(episodes), "rows": rows,
+              "mean": aggregate(rows, arms)}
+    write_json(out_dir / "ablation.json", result)
+    write_outputs(out_dir, result, curves)
+    return result
 
 
-def _acc(value) -> float:
-    if value is None:
-        return float("nan")
-    if isinstance(value, list):
-        return statistics.mean(v["accuracy"] for v in value)
-    return value["accuracy"]
+def aggregate(rows: list[dict], arms: list[str]) -> dict:
+    out = {}
+    for a in arms:
+        mine = [r for r in rows if r["arm"] == a]
+        out[a] = {}
+        for m in METRICS:
+            values = [r[m] for r in mine if m in r]
+            mean, std = report.mean_std(values)
+            out[a][m] = {"mean": round(mean, 6), "std": round(std, 6), "n": len(values)}
+    return out
 
 
-def _table(rows: list[dict]) -> str:
-    arms = ["no-memory", "trained-off", "on (random 30%)", "on (learned 30%)",
-            "on (write all)"]
-    lines = ["| seed | steps | train s | " + " | ".join(arms) + " | gate margin |",
-             "|" + "---|" * (len(arms) + 4)]
-    for r in rows:
-        margin = _acc(r["on (learned 30%)"]) - _acc(r["on (random 30%)"])
-        lines.append(f"| {r['seed']} | {r['steps']} | {r['train_seconds']:.0f} | "
-                     + " | ".join("not run" if r[a] is None else f"{_acc(r[a]):.3f}" for a in arms)
-                     + f" | {margin:+.3f} |")
+def table(rows: list[dict]) -> str:
+    """Mean ± std over the rows' seeds, one line per arm."""
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    agg = aggregate(rows, arms)
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"| arm | exact match (mean ± std, seeds {', '.join(map(str, seeds))}) | "
+             "answer bits/byte | traces written |", "|---|---|---|---|"]
+    for a in arms:
+        em, bits = agg[a]["exact_match"], agg[a]["answer_bits_per_byte"]
+        written = [r["written"]["traces"] for r in rows if r["arm"] == a]
+        lines.append(f"| {a} | {em['mean']:.3f} ± {em['std']:.3f} | {bits['mean']:.3f} ± "
+                     f"{bits['std']:.3f} | {sum(written) / len(written):.0f} |")
     return "\n".join(lines)
+
+
+def write_outputs(out_dir: Path, result: dict, curves: dict) -> None:
+    rows = result["rows"]
+    arms = list(result["mean"])
+    by_arm = {a: [r for r in rows if r["arm"] == a] for a in arms}
+    report.plot_ablation({a: [r["exact_match"] for r in rs] for a, rs in by_arm.items()},
+                         out_dir / "ablation.png")
+    report.plot_by(by_arm, "by_session", out_dir / "accuracy_by_session.png", "session")
+    tags = sorted({t for r in rows for t in r.get("by_tag", {})})
+    if "distance" in tags:
+        report.plot_by(by_arm, "distance", out_dir / "accuracy_by_distance.png",
+                       "sessions between fact and question")
+    if any(curves.values()):
+        report.plot_training(curves, out_dir / "training.png")
+    lines = [f"# Memory ablation: {result['config']['name']}", "",
+             f"{result['episodes']} evaluation episodes per arm; seeds "
+             f"{sorted({r['seed'] for r in rows})}.", "", table(rows), ""]
+    for seed in sorted({r["seed"] for r in rows}):
+        lines += [f"## Seed {seed}: exact match by session", "",
+                  report.arms_table({r["arm"]: r for r in rows if r["seed"] == seed}), ""]
+        for tag in tags:
+            lines += [f"### Seed {seed}: by `{tag}`", "",
+                      report.tag_table({r["arm"]: r for r in rows if r["seed"] == seed}, tag),
+                      ""]
+    (out_dir / "ablation.md").write_text("\n".join(lines) + "\n")

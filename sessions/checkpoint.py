@@ -1,5 +1,9 @@
 """Checkpoints: ``model.safetensors`` + ``optimizer.safetensors`` + ``config.json``.
 
+``config.json`` holds the step, ``kind`` (``backbone``: an ``engram train`` run on text
+streams, ``config`` is the ``RunConfig``; ``experiment``: a model trained on episodes,
+``config`` is the resolved ``ExperimentConfig``) and whatever the trainer adds.
+
 Each file is written to a temporary name and renamed into place, the JSON last, so a folder
 whose ``config.json`` names step N holds a complete step-N checkpoint. The step is also stored
 in both safetensors headers and checked on load.
@@ -17,7 +21,6 @@ from safetensors.torch import load_model, save_file, save_model
 
 from mhc import presets
 from mhc.config import RunConfig
-from mhc.model import MHCModel
 
 
 class CheckpointError(RuntimeError):
@@ -28,8 +31,9 @@ def _replace(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def save(folder: Path, model: MHCModel, optimizer: torch.optim.Optimizer | None,
-         run: RunConfig, step: int, extra: dict | None = None) -> Path:
+def save(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+         config: dict, step: int, extra: dict | None = None, kind: str = "backbone") -> Path:
+    """``config``: the plain (JSON) config of the run."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"step": str(step)}
@@ -41,7 +45,7 @@ def save(folder: Path, model: MHCModel, optimizer: torch.optim.Optimizer | None,
         tmp = folder / "optimizer.safetensors.tmp"
         save_file(tensors, str(tmp), metadata={**meta, "param_groups": json.dumps(groups)})
         _replace(tmp, folder / "optimizer.safetensors")
-    info = {"step": step, "config": presets.to_plain(run), **(extra or {})}
+    info = {"step": step, "kind": kind, "config": config, **(extra or {})}
     tmp = folder / "config.json.tmp"
     tmp.write_text(json.dumps(info, indent=1))
     _replace(tmp, folder / "config.json")
@@ -66,10 +70,23 @@ def read_info(folder: Path) -> dict:
 
 
 def load_run_config(folder: Path) -> RunConfig:
-    return presets.build(read_info(folder)["config"])
+    """The model + training config of any checkpoint."""
+    cfg = read_info(folder)["config"]
+    return presets.build({"model": cfg["model"], "train": cfg["train"]})
 
 
-def load(folder: Path, model: MHCModel, optimizer: torch.optim.Optimizer | None = None) -> int:
+def load_experiment_config(folder: Path):
+    """The ``ExperimentConfig`` of a checkpoint trained on episodes."""
+    from sessions.experiment import from_plain
+
+    info = read_info(folder)
+    if info.get("kind") != "experiment":
+        raise CheckpointError(f"{folder}: a backbone checkpoint (engram train on text), not "
+                              "one trained on episodes (engram train|run EXPERIMENT.yaml)")
+    return from_plain(info["config"], str(folder))
+
+
+def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Load weights (and optimizer state) in place; returns the step."""
     folder = Path(folder)
     step = int(read_info(folder)["step"])

@@ -16,13 +16,14 @@ from tqdm import tqdm
 
 from engram.backends import retrieval_key
 from memory_store.store import TraceStore
-from sessions.memory_train import load_memory_model, model_version
+from engram.model import model_version
+from sessions.pipeline import load_model
 
 
 @torch.no_grad()
 def reindex_store(store_dir: Path, checkpoint: Path, batch_size: int = 64,
                   progress: bool = True) -> dict:
-    model, _ = load_memory_model(checkpoint)
+    model, _ = load_model(checkpoint)
     model.eval()
     if not model.memory_enabled:
         raise ValueError(f"{checkpoint}: the model has no memory module to make keys with")
@@ -42,9 +43,9 @@ def reindex_store(store_dir: Path, checkpoint: Path, batch_size: int = 64,
                 width = max(len(r) for r in raw)
                 idx = torch.zeros(len(raw), width, dtype=torch.long)
                 mask = torch.zeros(len(raw), width, dtype=torch.bool)
-                for j, r in enumerate(raw):  # right-aligned, as StoreMemory reads them
-                    idx[j, width - len(r):] = torch.tensor(list(r))
-                    mask[j, width - len(r):] = True
+                for j, r in enumerate(raw):  # padded after the text, as the runner writes
+                    idx[j, :len(r)] = torch.tensor(list(r))
+                    mask[j, :len(r)] = True
                 tr = model.encode_traces(idx, mask)
                 for j, t in enumerate(traces):
                     n = int(tr.mask_NS[j].sum())

@@ -1,61 +1,109 @@
-"""Multi-session recall through the persistent store (``engram run``).
+"""``engram run EXPERIMENT.yaml``: train (or load) a model, then evaluate it on the
+experiment's episodes through the real trace store, and write the whole run folder
+(``sessions.runs``): config, env, metrics, checkpoint, one folder per evaluated arm (its
+store, probes, sessions, retrievals), ``summary.json``, ``report.md`` and plots.
 
-Each episode is a namespace in a real ``TraceStore`` (LMDB + FAISS): session ``s1`` encodes its
-segments and writes the traces the write policy keeps; session ``s2`` asks the question and
-reads from the store (scope: its namespace, sessions before ``s2``). The traces stay in the
-store afterwards, for ``engram traces query|show|export`` and for later runs.
+The arm is the experiment's memory setting (``engram.enabled``/``read``, or ``--memory`` /
+``ENGRAM_ENABLED``); a memory-on run also scores the same model with its reads off
+(``eval.compare_off``), which is the per-session on-vs-off comparison of the report.
 """
 
 from __future__ import annotations
 
-import time
+from dataclasses import replace
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
+import yaml
 
 from engram.model import EngramModel
-from engram.store_memory import StoreMemory
-from engram.write import select
-from memory_store.store import TraceStore
-from sessions.memory_train import answer_logits, model_version
-from sessions.tasks.recall import RecallTask
+from sessions import report
+from sessions.experiment import ExperimentConfig, to_plain
+from sessions.pipeline import (
+    arm_folder,
+    evaluate_arm,
+    evaluation_episodes,
+    load_model,
+    train_model,
+)
+from sessions.runner import Arm
+from sessions.runs import read_jsonl, start_run, write_json
+from sessions.tasks import task_spec
 
-SESSIONS = ["s1", "s2"]
+
+def _check_resumable(out_dir: Path, plain: dict) -> None:
+    saved = out_dir / "config.yaml"
+    if saved.is_file() and yaml.safe_load(saved.read_text()) != plain:
+        raise ValueError(f"{out_dir} was started with another config (see its config.yaml): "
+                         "resume with the same command, or choose a new --out")
 
 
-@torch.no_grad()
-def run_store_episodes(model: EngramModel, store_dir: Path, episodes: int, memory: str = "on",
-                       policy: str | None = None, batch_size: int = 20, prefix: str = "recall",
-                       seed: int = 0, progress: bool = True) -> dict:
-    """Write session 1 of each episode to the store, answer session 2 reading from it."""
-    model.eval()
-    task = RecallTask(split="eval", seed=seed)
-    version = model_version(model) if model.memory_enabled else "none"
-    correct = written = 0
-    began = time.perf_counter()
-    latent_dim = model.cfg.key_dim + 1 if model.memory_enabled else None  # + salience prior
-    with TraceStore.open(store_dir, latent_dim=latent_dim) as store:
-        for start in tqdm(range(0, episodes, batch_size), disable=not progress, desc="episodes"):
-            batch = task.batch(start, min(batch_size, episodes - start))
-            B, N, S = batch.write_BNS.shape
-            mem = None
-            if memory == "on":
-                names = [f"{prefix}-{seed}-{start + b}" for b in range(B)]
-                mem = StoreMemory(store, names, SESSIONS, version)
-                tr = model.encode_traces(batch.write_BNS.reshape(B * N, S))
-                sal = tr.salience_N.view(B, N)
-                keep = torch.stack([select(sal[b], model.cfg, policy) for b in range(B)])
-                mem.write(tr.key_NK.view(B, N, -1), tr.hidden_NSD.view(B, N, S, -1),
-                          tr.mask_NS.view(B, N, S), tr.tokens_NS.view(B, N, S), sal, session=0,
-                          keep_Bn=keep)
-                written += int((keep & batch.asked_BN).any(-1).sum())
-            res = model(batch.question_BS, memory=mem, session=1)  # mem is None unless "on"
-            pred = answer_logits(res.out.logits, batch).argmax(-1)
-            tgt = batch.targets_BS.gather(1, batch.answer_pos_B4)
-            correct += int((pred == tgt).all(-1).sum())
-        store.flush()
-        stats = {"traces_in_store": len(store)}
-    return {"episodes": episodes, "memory": memory, "accuracy": correct / episodes,
-            "asked_fact_written": written / episodes if memory == "on" else 0.0,
-            "seconds": time.perf_counter() - began, "model_version": version, **stats}
+def model_for(exp: ExperimentConfig, out_dir: Path, checkpoint: Path | None, progress: bool,
+              resume: bool) -> tuple[EngramModel, dict]:
+    """The model ``exp``'s arm evaluates: trained here, or loaded from ``checkpoint``."""
+    if checkpoint is None:
+        return train_model(exp, "off" if exp.memory == "off" else "on", out_dir, progress,
+                           resume)
+    model, trained = load_model(checkpoint)
+    if exp.memory != "off" and not model.memory_enabled:
+        raise ValueError(f"{checkpoint}: a model without the memory module cannot run the "
+                         f"{exp.memory!r} arm")
+    if exp.memory == "off" and model.memory_enabled:  # the module absent: the backbone alone
+        plain = EngramModel(trained.model, replace(model.cfg, enabled=False))
+        plain.backbone.load_state_dict(model.backbone.state_dict())
+        model = plain
+    return model, {"steps": trained.train.steps, "checkpoint_task": trained.task}
+
+
+def run_experiment(exp: ExperimentConfig, out_dir: Path, checkpoint: Path | None = None,
+                   progress: bool = True, resume: bool = False) -> dict:
+    out_dir = Path(out_dir)
+    plain = to_plain(exp)
+    if resume:
+        _check_resumable(out_dir, plain)
+    if not (resume and (out_dir / "env.json").exists()):
+        start_run(out_dir, plain, seeds=[exp.train.seed])
+    episodes = evaluation_episodes(exp)  # checked before training or writing anything
+    model, trained = model_for(exp, out_dir, checkpoint, progress, resume)
+    arms = [exp.memory] + (["trained-off"] if exp.memory == "on" and exp.eval.compare_off
+                           else [])
+    summaries = {a: evaluate_arm(model, Arm.parse(a), exp, episodes, out_dir / arm_folder(a),
+                                 progress, resume) for a in arms}
+    summary = {"experiment": exp.name, "task": task_spec(exp.make_task("eval")),
+               "seed": exp.train.seed, "steps": trained["steps"],
+               "episodes": len(episodes), "arms": summaries}
+    if exp.eval.episodes_file:
+        summary["episodes_file"] = Path(exp.eval.episodes_file).name
+    write_json(out_dir / "summary.json", summary)
+    write_report(out_dir, summary)
+    return summary
+
+
+def write_report(out_dir: Path, summary: dict) -> Path:
+    arms = summary["arms"]
+    plots = []
+    metrics = read_jsonl(out_dir / "metrics.jsonl")
+    if metrics:
+        plots.append(report.plot_training({"model": metrics}, out_dir / "training.png"))
+    plots.append(report.plot_by({a: [s] for a, s in arms.items()}, "by_session",
+                                out_dir / "accuracy_by_session.png", "session"))
+    lines = [f"# {summary['experiment']}: {summary['episodes']} evaluation episodes",
+             "", f"Task: `{summary['task']}`; training seed {summary['seed']}, "
+             f"{summary['steps']} steps.", "", "## Exact match by session", "",
+             report.arms_table(arms), ""]
+    for tag in sorted({t for s in arms.values() for t in s.get("by_tag", {})}):
+        lines += [f"## By `{tag}`", "", report.tag_table(arms, tag), ""]
+        if tag == "distance":
+            plots.append(report.plot_by({a: [s] for a, s in arms.items()}, "distance",
+                                        out_dir / "accuracy_by_distance.png",
+                                        "sessions between fact and question"))
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def one_line(summary: dict) -> str:
+    parts = [f"{a} {s.get('exact_match', float('nan')):.3f}" for a, s in summary["arms"].items()]
+    return (f"{summary['experiment']}: exact match " + ", ".join(parts)
+            + f" ({summary['episodes']} episodes, {summary['steps']} training steps)")
+

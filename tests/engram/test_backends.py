@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engram.backends import TensorMemory
+from engram.backends import TensorMemory, TraceBatch
 from engram.config import EngramConfig
 from engram.model import EngramModel
 from engram.store_memory import StoreMemory
@@ -33,7 +33,6 @@ def _model(seed=0):
     with torch.no_grad():
         for reader in model.readers.values():
             reader.gate_param.fill_(0.5)
-            reader.null_value.normal_()
     return model.eval()
 
 
@@ -41,13 +40,14 @@ def _fill(model, store, B=3, n=6, S=24, seed=1):
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(32, 127, (B * n, S), generator=g)
     tr = model.encode_traces(idx)
-    args = (tr.key_NK.view(B, n, -1), tr.hidden_NSD.view(B, n, S, -1), tr.mask_NS.view(B, n, S),
-            tr.tokens_NS.view(B, n, S), tr.salience_N.view(B, n))
+    batch = TraceBatch(tr.key_NK.view(B, n, -1), tr.hidden_NSD.view(B, n, S, -1),
+                       tr.mask_NS.view(B, n, S), tr.tokens_NS.view(B, n, S),
+                       tr.salience_N.view(B, n))
     keep = torch.rand(B, n, generator=g) < 0.7
     tensor_mem = TensorMemory(B, 32, model.cfg.key_dim, S)
-    tensor_mem.write(*args, session=0, keep_Bn=keep)
+    tensor_mem.write(batch, session=0, keep_Bn=keep)
     store_mem = StoreMemory(store, [f"ep{b}" for b in range(B)], ["s1", "s2"], "v1")
-    ids = store_mem.write(*args, session=0, keep_Bn=keep)
+    ids = store_mem.write(batch, session=0, keep_Bn=keep)
     assert len(ids) == int(keep.sum())
     return tensor_mem, store_mem, keep
 

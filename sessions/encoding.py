@@ -1,0 +1,171 @@
+"""Episodes to tensors: context segments and probes as right-padded byte rows.
+
+* A context segment longer than the model's window is split (at character boundaries) into
+  pieces of at most ``seq_len`` bytes; piece i > 0 of segment j gets the external id
+  ``"<session>/<j>.<i>"`` (piece 0 keeps ``"<session>/<j>"``, what evidence names).
+* A probe is ``prompt + answer`` bytes; inputs are all but the last byte, targets all but the
+  first, and the answer positions are the targets that are answer bytes. A prompt too long
+  for the window keeps its last bytes; an answer that cannot fit is an error.
+
+Rows are padded on the right (the model is causal: padding after a segment changes nothing
+before it); padded targets are ``-100`` (ignored by the loss).
+
+Shapes: N segment rows, P probe rows, S bytes per row, B episodes, n segment slots per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sessions.episodes import Episode, Probe, segment_id
+
+IGNORE = -100
+
+
+def split_segment(text: str, max_bytes: int) -> list[str]:
+    """``text`` in pieces of at most ``max_bytes`` UTF-8 bytes, cut between characters."""
+    pieces, cur, size = [], [], 0
+    for ch in text:
+        n = len(ch.encode("utf-8"))
+        if size + n > max_bytes and cur:
+            pieces.append("".join(cur))
+            cur, size = [], 0
+        cur.append(ch)
+        size += n
+    if cur:
+        pieces.append("".join(cur))
+    return pieces
+
+
+def session_segments(session, seq_len: int) -> list[tuple[str, str]]:
+    """(external id, text) of every piece of a session's context."""
+    out = []
+    for j, text in enumerate(session.context):
+        for i, piece in enumerate(split_segment(text, seq_len)):
+            base = segment_id(session.id, j)
+            out.append((base if i == 0 else f"{base}.{i}", piece))
+    return out
+
+
+def _rows(byte_rows: list[bytes], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.zeros(len(byte_rows), width, dtype=torch.long)
+    mask = torch.zeros(len(byte_rows), width, dtype=torch.bool)
+    for r, raw in enumerate(byte_rows):
+        if raw:
+            idx[r, :len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+            mask[r, :len(raw)] = True
+    return idx, mask
+
+
+@dataclass
+class Segments:
+    """Context pieces of some sessions of B episodes in an (B, n) slot layout."""
+
+    idx_NS: torch.Tensor  # (B·n, S) bytes, right-padded
+    mask_NS: torch.Tensor  # valid bytes
+    valid_Bn: torch.Tensor  # slot holds a piece (False: padding slot)
+    session_Bn: torch.Tensor  # the session index each slot belongs to
+    texts: list[list[str]]
+    external_ids: list[list[str]]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.valid_Bn.shape)
+
+
+def encode_segments(episodes: list[Episode], sessions: list[int], seq_len: int) -> Segments:
+    """The pieces of sessions ``sessions`` (indices) of every episode, slot-aligned per row."""
+    per_row = []
+    for ep in episodes:
+        row = []
+        for s in sessions:
+            if s < len(ep.sessions):
+                row += [(s, eid, t) for eid, t in session_segments(ep.sessions[s], seq_len)]
+        per_row.append(row)
+    B, n = len(episodes), max((len(r) for r in per_row), default=0)
+    raw, valid = [], torch.zeros(B, n, dtype=torch.bool)
+    sess = torch.zeros(B, n, dtype=torch.long)
+    texts = [[""] * n for _ in range(B)]
+    ids = [[""] * n for _ in range(B)]
+    for b, row in enumerate(per_row):
+        for j in range(n):
+            if j < len(row):
+                s, eid, text = row[j]
+                raw.append(text.encode("utf-8"))
+                valid[b, j], sess[b, j], texts[b][j], ids[b][j] = True, s, text, eid
+            else:
+                raw.append(b"")
+    width = max((len(r) for r in raw), default=1) or 1
+    idx, mask = _rows(raw, width)
+    return Segments(idx, mask, valid, sess, texts, ids)
+
+
+@dataclass
+class ProbeRef:
+    row: int  # episode row in the batch
+    session: int  # session index
+    index: int  # probe index within the session
+    probe: Probe
+
+
+@dataclass
+class Probes:
+    idx_PS: torch.Tensor
+    targets_PS: torch.Tensor  # next bytes, IGNORE at padding
+    answer_PS: torch.Tensor  # targets that are answer bytes
+    first_answer_P: torch.Tensor  # input position predicting the first answer byte
+    row_P: list[int]
+    session_P: torch.Tensor
+    refs: list[ProbeRef]
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+
+def probe_bytes(probe: Probe, seq_len: int, where: str = "probe") -> tuple[bytes, int]:
+    """(prompt + answer bytes fitted to the window, index where the answer starts)."""
+    prompt, answer = probe.prompt.encode("utf-8"), probe.answer.encode("utf-8")
+    if len(answer) + 1 > seq_len:
+        raise ValueError(f"{where}: answer of {len(answer)} bytes does not fit the model's "
+                         f"window (ModelConfig.seq_len={seq_len}) after a prompt byte")
+    keep = seq_len + 1 - len(answer)
+    prompt = prompt[-keep:]
+    return prompt + answer, len(prompt)
+
+
+def encode_probes(episodes: list[Episode], sessions: list[int] | None, seq_len: int,
+                  select=None) -> Probes:
+    """The probes of sessions ``sessions`` (None: all) of every episode; ``select(ref)``
+    may drop some (training samples a few per episode)."""
+    refs = []
+    for b, ep in enumerate(episodes):
+        for s, sess in enumerate(ep.sessions):
+            if sessions is not None and s not in sessions:
+                continue
+            for i, p in enumerate(sess.probes):
+                ref = ProbeRef(b, s, i, p)
+                if select is None or select(ref):
+                    refs.append(ref)
+    seqs = [probe_bytes(r.probe, seq_len, f"{episodes[r.row].namespace}/"
+                        f"{episodes[r.row].sessions[r.session].id}/probes[{r.index}]")
+            for r in refs]
+    width = max((len(s) - 1 for s, _ in seqs), default=1) or 1
+    full, _ = _rows([s for s, _ in seqs], width + 1)
+    idx, targets = full[:, :-1].clone(), full[:, 1:].clone()
+    answer = torch.zeros(len(refs), width, dtype=torch.bool)
+    first = torch.zeros(len(refs), dtype=torch.long)
+    for p, (seq, start) in enumerate(seqs):
+        targets[p, len(seq) - 1:] = IGNORE
+        answer[p, start - 1:len(seq) - 1] = True
+        first[p] = start - 1
+    return Probes(idx, targets, answer, first, [r.row for r in refs],
+                  torch.tensor([r.session for r in refs], dtype=torch.long), refs)
+
+
+def segment_targets(seg: Segments) -> torch.Tensor:
+    """Next-byte targets of segment rows (IGNORE past each segment's end)."""
+    targets = torch.full_like(seg.idx_NS, IGNORE)
+    targets[:, :-1] = seg.idx_NS[:, 1:].masked_fill(~seg.mask_NS[:, 1:], IGNORE)
+    return targets

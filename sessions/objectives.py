@@ -1,0 +1,217 @@
+"""What the one trainer optimises: an objective makes batch ``step`` (a pure function of the
+seed and the step) and turns it into a loss.
+
+* ``LMObjective`` — next-byte language modelling on text streams (``engram train CONFIG``).
+* ``EpisodeObjective`` — multi-session episodes of a task (``engram train|run|ablate
+  EXPERIMENT``): for the memory model, every context segment of every session is encoded into
+  a trace (the backbone alone: a trace is a function of its text) and written softly into a
+  ``TensorMemory``; the probes of every session then read the traces of *earlier* sessions
+  (one forward for all sessions: writes do not depend on reads, so this equals running the
+  sessions in order). Loss: LM loss on the probe tokens + ``answer_weight`` × answer loss (+
+  the context's LM loss reading memory, for tasks that score context) + router losses + the
+  write gate's budget loss. The no-memory arm runs the same objective with no memory.
+
+Every tensor an objective reports is detached and stays on the device; the trainer reads them
+every ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engram.backends import TensorMemory, TraceBatch
+from mhc.moe import FFNAux
+from sessions.data import DOMAINS, Sampler, build_streams, eval_batches
+from sessions.encoding import IGNORE, encode_probes, encode_segments, segment_targets
+from sessions.episodes import Episode
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    router_loss: torch.Tensor
+    layers: list[FFNAux]
+    tokens: int  # tokens of the batch (known on the host: no sync)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars
+
+
+def backbone_of(model: torch.nn.Module):
+    """The ``MHCModel`` inside (an ``EngramModel`` wraps one)."""
+    return getattr(model, "backbone", model)
+
+
+class LMObjective:
+    name = "lm"
+
+    def __init__(self, run, cache_dir: Path = Path("cache"), quiet: bool = False):
+        t = run.train
+        streams, val_streams = build_streams(t.data, cache_dir, seed=t.seed, quiet=quiet)
+        self.sampler = Sampler(streams, t.batch_size, run.model.seq_len, t.seed)
+        self.val_sets = {DOMAINS[s.domain]: eval_batches(s, t.batch_size, run.model.seq_len,
+                                                         t.eval_batches) for s in val_streams}
+
+    def batch(self, step: int):
+        return self.sampler.batch(step)
+
+    def loss(self, model, batch) -> StepOutput:
+        out = model(batch.x, batch.y, batch.domains)
+        return StepOutput(out.loss, out.lm_loss.detach(), out.router_loss.detach(), out.layers,
+                          batch.x.numel())
+
+    @torch.no_grad()
+    def validate(self, model, device, autocast) -> dict:
+        """Mean next-byte loss (nats per byte) on fixed validation windows, per stream."""
+        out = {}
+        for name, batches in self.val_sets.items():
+            total = torch.zeros((), device=device)
+            for b in batches:
+                with autocast:
+                    total += model(b.x.to(device), b.y.to(device)).lm_loss.float()
+            out[name] = float(total) / len(batches)
+        return out
+
+
+@dataclass
+class EpisodeBatch:
+    episodes: list[Episode]
+    seg_idx: torch.Tensor
+    seg_mask: torch.Tensor
+    seg_valid: torch.Tensor
+    seg_session: torch.Tensor
+    seg_targets: torch.Tensor
+    probe_idx: torch.Tensor
+    probe_targets: torch.Tensor
+    probe_answer: torch.Tensor
+    probe_row: torch.Tensor  # the episode row each probe reads
+    probe_session: torch.Tensor
+    ctx_rows: torch.Tensor  # segment rows whose LM loss is scored (tasks that score context)
+    ctx_episode: torch.Tensor  # their episode rows
+
+
+class EpisodeObjective:
+    name = "episodes"
+
+    def __init__(self, exp, seed: int, probes_per_episode: int = 0):
+        """``probes_per_episode`` > 0 samples that many probes per episode and step (all
+        otherwise)."""
+        self.exp, self.seed = exp, seed
+        self.task, self.eval_task = exp.make_task("train"), exp.make_task("eval")
+        self.batch_size, self.seq_len = exp.train.batch_size, exp.model.seq_len
+        self.probes_per_episode = probes_per_episode
+
+    def episodes(self, split: str, start: int, n: int) -> list[Episode]:
+        seed = self.seed if split == "train" else self.exp.eval.seed
+        task = self.task if split == "train" else self.eval_task
+        return [task.episode(split, seed, start + i) for i in range(n)]
+
+    def batch(self, step: int) -> EpisodeBatch:
+        eps = self.episodes("train", step * self.batch_size, self.batch_size)
+        return self.encode(eps, random.Random(f"probes:{self.seed}:{step}"))
+
+    def encode(self, eps: list[Episode], rng: random.Random | None = None) -> EpisodeBatch:
+        n_sessions = max(len(e.sessions) for e in eps)
+        seg = encode_segments(eps, list(range(n_sessions)), self.seq_len)
+        select = None
+        if self.probes_per_episode and rng is not None:
+            chosen = set()
+            for b, e in enumerate(eps):
+                refs = [(b, s, i) for s, sess in enumerate(e.sessions)
+                        for i in range(len(sess.probes))]
+                chosen.update(rng.sample(refs, min(self.probes_per_episode, len(refs))))
+            select = lambda r: (r.row, r.session, r.index) in chosen  # noqa: E731
+        probes = encode_probes(eps, None, self.seq_len, select)
+        if len(probes) == 0:
+            raise ValueError(f"task {self.task.name}: a training batch has no probes to score")
+        n = seg.valid_Bn.shape[1]
+        ctx = seg.valid_Bn.flatten().nonzero().flatten() if self.task.score_context else \
+            torch.zeros(0, dtype=torch.long)
+        return EpisodeBatch(eps, seg.idx_NS, seg.mask_NS, seg.valid_Bn, seg.session_Bn,
+                            segment_targets(seg), probes.idx_PS, probes.targets_PS,
+                            probes.answer_PS, torch.tensor(probes.row_P, dtype=torch.long),
+                            probes.session_P, ctx, ctx // max(n, 1))
+
+    def build_memory(self, model, batch: EpisodeBatch) -> TensorMemory:
+        """Every segment of every session written softly (training) into a TensorMemory."""
+        B, n = batch.seg_valid.shape
+        tr = model.encode_traces(batch.seg_idx, batch.seg_mask,
+                                 backbone_grad=self.exp.objective.write_backprop)
+        mem = TensorMemory(B, tr.hidden_NSD.shape[-1], model.cfg.key_dim,
+                           tr.hidden_NSD.shape[1], batch.seg_idx.device, tr.hidden_NSD.dtype)
+        view = lambda t: t.view(B, n, *t.shape[1:])  # noqa: E731
+        mem.write(TraceBatch(view(tr.key_NK), view(tr.hidden_NSD), view(tr.mask_NS),
+                             view(tr.tokens_NS), view(tr.salience_N)),
+                  session=batch.seg_session, keep_Bn=batch.seg_valid)
+        mem.read_scope = self.exp.eval.read_scope
+        return mem
+
+    def loss(self, model, batch: EpisodeBatch) -> StepOutput:
+        obj = self.exp.objective
+        mem, k = None, None
+        if model.memory_enabled:
+            mem = self.build_memory(model, batch)
+            k = mem.size if obj.retrieve_all else None
+        reader = mem.rows(batch.probe_row) if mem is not None else None
+        res = model(batch.probe_idx, batch.probe_targets, memory=reader,
+                    session=batch.probe_session, top_k=k)
+        out = res.out
+        answer_loss = _answer_loss(out.logits, batch.probe_targets, batch.probe_answer)
+        loss = out.loss + obj.answer_weight * answer_loss
+        lm_loss, tokens = out.lm_loss, batch.probe_idx.numel()
+        if batch.ctx_episode.numel():
+            rows = batch.ctx_rows
+            ctx = model(batch.seg_idx.index_select(0, rows),
+                        batch.seg_targets.index_select(0, rows),
+                        memory=mem.rows(batch.ctx_episode) if mem is not None else None,
+                        session=batch.seg_session.flatten().index_select(0, rows), top_k=k).out
+            loss = loss + ctx.lm_loss
+            lm_loss = (lm_loss + ctx.lm_loss) / 2
+            tokens += len(batch.ctx_episode) * batch.seg_idx.shape[1]
+        extras = {"answer_loss": answer_loss.detach()}
+        if mem is not None:
+            sal = mem.salience_BM[mem.valid_BM]
+            loss = loss + model.writer.salience_loss(sal)
+            read = next(iter(res.reads.values()))
+            extras.update(gate=read.gate, memory_mass=read.memory_mass,
+                          write_prob=torch.sigmoid(sal.detach().float()).mean())
+        return StepOutput(loss, lm_loss.detach(), out.router_loss.detach(), out.layers, tokens,
+                          extras)
+
+    @torch.no_grad()
+    def validate(self, model, device, autocast, n_episodes: int = 32) -> dict:
+        """Answer loss and exact match on fixed evaluation episodes (tensor memory, every
+        trace written): a cheap curve for training; `engram run` does the real evaluation."""
+        eps = self.episodes("eval", 0, n_episodes)
+        batch = move(self.encode(eps), device)
+        with autocast:
+            mem = self.build_memory(model, batch) if model.memory_enabled else None
+            res = model(batch.probe_idx, memory=mem.rows(batch.probe_row) if mem else None,
+                        session=batch.probe_session)
+        logits = res.out.logits.float()
+        hit = (logits.argmax(-1) == batch.probe_targets) | ~batch.probe_answer
+        return {"val_answer_loss": float(_answer_loss(logits, batch.probe_targets,
+                                                      batch.probe_answer)),
+                "val_exact": float(hit.all(-1).float().mean())}
+
+
+def _answer_loss(logits_PSV, targets_PS, answer_PS) -> torch.Tensor:
+    tgt = targets_PS.masked_fill(~answer_PS, IGNORE)
+    return F.cross_entropy(logits_PSV.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE)
+
+
+def move(batch, device: torch.device, non_blocking: bool = False):
+    """A copy of a batch dataclass with every tensor on ``device`` (pinned first on CUDA)."""
+    if device.type == "cpu":
+        return batch
+    values = {}
+    for name, value in vars(batch).items():
+        if torch.is_tensor(value):
+            value = value.pin_memory().to(device, non_blocking=True) if non_blocking else \
+                value.to(device)
+        values[name] = value
+    return type(batch)(**values)

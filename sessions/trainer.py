@@ -1,0 +1,233 @@
+"""The one training loop: backbone language modelling, memory training and every baseline arm
+go through ``Trainer`` with an objective (``sessions.objectives``).
+
+* AdamW (fused on CUDA) with linear warm-up and cosine decay **by step**; a wall-clock budget
+  (``train.max_minutes``) only chooses the number of steps before training starts
+  (``plan_steps`` times a few steps on a throw-away copy), so the same config and seed give
+  the same run.
+* bf16 autocast on CUDA (fp32 master weights and optimizer state), gradient clipping,
+  router-bias (aux-loss-free) balancing after every optimizer step, optional
+  ``torch.compile`` (``train.compile=true``); batches are pinned and copied without blocking.
+* No host synchronisation inside a step: losses, gradient norms, memory statistics and router
+  loads are summed on the device and read every ``log_every`` steps into ``metrics.jsonl``.
+* Checkpoints (``checkpoint/``, atomic) every ``checkpoint_every`` steps and at the end; a
+  resumed run continues exactly (batches are a function of (seed, step)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mhc.config import TrainConfig
+from mhc.moe import FFNAux
+from mhc.stats import layer_stats, summarize
+from sessions import checkpoint
+from sessions.objectives import backbone_of, move
+
+
+@dataclass
+class TrainResult:
+    step: int
+    train_seconds: float
+    val: dict
+    last_loss: float
+    out_dir: Path
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_at(t: TrainConfig, step: int) -> float:
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = min(1.0, step / max(1, t.steps))
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine)
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2),
+                             fused=device.type == "cuda")
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, objective, train: TrainConfig, out_dir: Path,
+                 config: dict, kind: str = "backbone", progress: bool = True,
+                 desc: str = "train"):
+        """``config``: the run's plain config, saved beside every checkpoint."""
+        self.train, self.objective, self.out_dir = train, objective, Path(out_dir)
+        self.config, self.kind, self.progress, self.desc = config, kind, progress, desc
+        if train.threads:
+            torch.set_num_threads(train.threads)
+        self.device = pick_device(train.device)
+        self.model = model.to(self.device)
+        self.step_model = torch.compile(self.model) if train.compile else self.model
+        self.optimizer = make_optimizer(self.model, train, self.device)
+
+    # ---- one step ----------------------------------------------------------------------
+    def _step(self, step: int):
+        t = self.train
+        lr = lr_at(t, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = move(self.objective.batch(step), self.device, non_blocking=True)
+        with autocast(self.device):
+            out = self.objective.loss(self.step_model, batch)
+        out.loss.backward()
+        if t.grad_clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        else:
+            grad_norm = torch.zeros((), device=self.device)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        backbone_of(self.model).update_router_biases(out.layers)
+        return out, grad_norm, lr
+
+    # ---- the loop ----------------------------------------------------------------------
+    def fit(self, resume: Path | None = None) -> TrainResult:
+        t, ckpt = self.train, self.out_dir / "checkpoint"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        start = 0
+        if resume is not None:
+            start = checkpoint.load(resume, self.model, self.optimizer)
+        metrics_path = self.out_dir / "metrics.jsonl"
+        _keep_rows_up_to(metrics_path, start)  # a resumed run rewrites what came after
+        end = min(t.steps, t.stop_after) if t.stop_after else t.steps
+        acc = _Window(self.device)
+        began = time.perf_counter()
+        last_loss, val = float("nan"), {}
+        self.model.train()
+        with metrics_path.open("a") as metrics, tqdm(
+                total=t.steps, initial=start, disable=not self.progress, mininterval=2.0,
+                dynamic_ncols=True, desc=self.desc) as bar:
+            for step in range(start, end):
+                out, grad_norm, lr = self._step(step)
+                acc.add(out, grad_norm)
+                done = step + 1
+                if done % t.log_every == 0 or done == end:
+                    row = acc.read(done, lr, time.perf_counter() - began)
+                    last_loss = row["loss"]
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                    bar.set_postfix(loss=f"{row['loss']:.3f}",
+                                    tok_s=f"{row['tokens_per_s']:,.0f}", lr=f"{lr:.1e}")
+                bar.update(1)
+                if done % t.eval_every == 0 and done != end:
+                    val = self._validate()
+                    metrics.write(json.dumps({"step": done, "val": val}) + "\n")
+                    bar.write(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
+                if done % t.checkpoint_every == 0 and done != end:
+                    self.save(done)
+            train_seconds = time.perf_counter() - began
+            val = self._validate()
+            self.save(end, {"val": val, "train_seconds": train_seconds})
+            metrics.write(json.dumps({"step": end, "val": val, "final": True,
+                                      "train_seconds": train_seconds}) + "\n")
+        return TrainResult(end, train_seconds, val, last_loss, self.out_dir)
+
+    def _validate(self) -> dict:
+        was = self.model.training
+        self.model.eval()
+        try:
+            return self.objective.validate(self.model, self.device, autocast(self.device))
+        finally:
+            self.model.train(was)
+
+    def save(self, step: int, extra: dict | None = None) -> Path:
+        return checkpoint.save(self.out_dir / "checkpoint", self.model, self.optimizer,
+                               self.config, step, extra, kind=self.kind)
+
+
+class _Window:
+    """Sums of a logging window's step statistics, kept on the device until read."""
+
+    def __init__(self, device):
+        self.device = device
+        self._reset()
+
+    def _reset(self):
+        self.n, self.tokens, self.t0 = 0, 0, time.perf_counter()
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _sum(self, name: str, value: torch.Tensor) -> None:
+        v = value.detach().float()
+        self.sums[name] = self.sums[name] + v if name in self.sums else v.clone()
+
+    def add(self, out, grad_norm) -> None:
+        self.n += 1
+        self.tokens += out.tokens
+        for name, value in [("loss", out.lm_loss), ("router_loss", out.router_loss),
+                            ("grad_norm", grad_norm), *out.extras.items()]:
+            self._sum(name, value)
+        moe = [a for a in out.layers if a.counts_E is not None]
+        if moe:
+            new = [(a.counts_E, a.domain_counts_G) for a in moe]
+            self.counts = new if self.counts is None else [
+                (c + nc, d + nd) for (c, d), (nc, nd) in zip(self.counts, new, strict=True)]
+
+    def read(self, step: int, lr: float, elapsed: float) -> dict:
+        """The window's means as a metrics row (the one host synchronisation)."""
+        now = time.perf_counter()
+        row = {"step": step, **{k: float(v) / self.n for k, v in self.sums.items()},
+               "lr": lr, "tokens_per_s": self.tokens / max(now - self.t0, 1e-9),
+               "elapsed_s": elapsed}
+        if self.counts is not None:
+            zero = torch.zeros(())
+            row.update(summarize(layer_stats([FFNAux(zero, zero, c, d) for c, d in self.counts])))
+        self._reset()
+        return row
+
+
+def _keep_rows_up_to(path: Path, step: int) -> None:
+    """Drop metrics rows after ``step`` (and all of them for a fresh run)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step] if step else []
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def plan_steps(model: torch.nn.Module, objective, train: TrainConfig, n: int = 3) -> TrainConfig:
+    """With ``max_minutes`` > 0: time ``n`` steps (after one warm-up) on a copy of the model
+    and set ``steps`` to what fits the budget; the copy is thrown away, so training itself
+    depends only on the resulting step count."""
+    if not train.max_minutes:
+        return train
+    probe = Trainer(copy.deepcopy(model), objective, replace(train, compile=False),
+                    Path("."), {}, progress=False)
+    probe._step(0)
+    if probe.device.type == "cuda":
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    for i in range(n):
+        probe._step(1 + i)
+    if probe.device.type == "cuda":
+        torch.cuda.synchronize()
+    per_step = (time.perf_counter() - began) / n
+    steps = max(1, int(train.max_minutes * 60 / per_step))
+    return replace(train, steps=steps, max_minutes=0.0)
