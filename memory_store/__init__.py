@@ -9,11 +9,19 @@ Manifold-Constrained Hyper-Connections). This package never imports model code.
         ids = store.add([Trace("user1", "s1", "text", latent_key=k, latent_value=v)])
         scores, ids = store.search_latent(queries, Scope("user1", before="s2"), k=8)
         hits = store.search("what did I say about X?", "user1")   # hybrid text search
+        # idempotent writes and time: re-adding an external id replaces that trace
+        store.add([Trace("user1", "s1", "moved to Lisbon", external_id="s1/0",
+                         happened_at="2024-03-01")])
+        hits = store.search("where do I live?", Scope("user1", since="2024-01-01",
+                                                      hide_superseded=True))
+        store.delete(["s1/0"], namespace="user1"); store.compact()
 
-Modules: ``errors`` (typed errors), ``records`` (Trace + codec), ``layout`` (LMDB layout),
-``index`` (FAISS / exact scoped vector index), ``lexical`` (BM25), ``documents`` (indexed text),
-``embedder`` (offline MiniLM), ``scope`` (Scope, Hit), ``store`` / ``search`` /
-``maintenance`` (TraceStore), ``cli`` (``python -m memory_store``, ``engram traces``).
+Modules: ``errors`` (typed errors), ``records`` (Trace + validation), ``codec`` (record
+bytes), ``timefmt`` (ISO 8601 times), ``layout`` (LMDB layout), ``changes`` (change log),
+``index`` / ``ann`` (exact and FAISS scoped vector index), ``lexical`` (BM25), ``documents``
+(indexed text, fusion), ``embedder`` (offline MiniLM), ``scope`` (Scope, Hit), ``store`` /
+``writes`` / ``search`` / ``maintenance`` / ``transfer`` (TraceStore), ``cli``
+(``python -m memory_store``, ``engram traces``).
 """
 
 from .documents import TextConfig
@@ -28,6 +36,7 @@ from .errors import (
                      ReadOnlyError,
                      StoreError,
                      TextError,
+                     TimeFormatError,
                      UnknownNamespaceError,
                      UnknownSessionError,
                      UnknownTraceError,
@@ -42,7 +51,7 @@ from .store import TraceStore
 __all__ = [
     "TraceStore", "Trace", "Scope", "Hit", "SessionInfo", "IndexConfig", "TextConfig",
     "VerifyReport", "StoreError", "InvalidInputError", "DimensionError", "NonFiniteError",
-    "TextError", "InvalidNameError", "UnknownNamespaceError", "UnknownSessionError",
-    "UnknownTraceError", "NotAStoreError", "ReadOnlyError", "FormatVersionError",
-    "WriterLockedError", "CorruptStoreError",
+    "TextError", "TimeFormatError", "InvalidNameError", "UnknownNamespaceError",
+    "UnknownSessionError", "UnknownTraceError", "NotAStoreError", "ReadOnlyError",
+    "FormatVersionError", "WriterLockedError", "CorruptStoreError",
 ]

@@ -13,7 +13,14 @@ class StoreError(Exception):
 
 
 class InvalidInputError(StoreError, ValueError):
-    """A trace, query or parameter is malformed (base of the input errors below)."""
+    """A trace, query or parameter is malformed (base of the input errors below).
+
+    ``field`` names the offending field (``"external_id"``, ``"happened_at"``,
+    ``"latent_key"``, ...) when one is to blame; the message starts with it too."""
+
+    def __init__(self, message: str = "", field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class DimensionError(InvalidInputError):
@@ -26,6 +33,10 @@ class NonFiniteError(InvalidInputError):
 
 class TextError(InvalidInputError):
     """A trace text is empty, not a string, or longer than the store allows."""
+
+
+class TimeFormatError(InvalidInputError):
+    """A time (``happened_at``, ``since``, ``until``) is not ISO 8601 nor epoch seconds."""
 
 
 class InvalidNameError(InvalidInputError):
@@ -47,7 +58,7 @@ class UnknownSessionError(StoreError, KeyError):
 
 
 class UnknownTraceError(StoreError, KeyError):
-    """A trace id is not in the store."""
+    """A trace id (internal, or external within a namespace) is not in the store."""
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""

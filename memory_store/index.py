@@ -1,20 +1,24 @@
 """Vector index of one space (text embeddings or latent keys): scoped exact and ANN search.
 
-The index is a *cache* of the LMDB vectors, rebuilt from them whenever it is missing, stale
-(its recorded LMDB generation is older than the store's) or corrupt (a CRC32 in its manifest
-does not match). Layout in memory:
+The index is a *cache* of the LMDB vectors, rebuilt from them whenever it is missing, corrupt
+(a CRC32 in its manifest does not match) or older than the change log reaches (see
+``changes.py``); otherwise it catches up by replaying the log. Layout in memory:
 
 * **base**: a float32 matrix with rows grouped by (namespace, session) in session order,
-  memory-mapped from ``vecs-<gen>.npy`` after a save, with the 64-bit trace ids beside it and a
-  ``(namespace, session) -> (start, stop)`` slice table. A session is one contiguous slice and
-  "sessions before S" of a namespace is one contiguous run, so a scoped exact search scores
-  exactly the rows in scope (no over-fetch, no post-filter).
+  memory-mapped from ``vecs-<gen>.npy`` after a save, with the 64-bit trace ids, their
+  ``recorded_at`` / ``happened_at`` times beside it and a ``(namespace, session) -> (start,
+  stop)`` slice table. A session is one contiguous slice and "sessions before S" of a namespace
+  is one contiguous run, so a scoped exact search scores exactly the rows in scope. Deleted or
+  rewritten rows are marked dead (a mask) until the next save drops them.
 * **delta**: rows added since the last save, with a per-row scope code; a scoped search scores
-  only the delta rows whose code is in scope.
-* **ann**: for kinds ``ivf`` and ``hnsw``, one ``faiss.IndexIDMap2`` per namespace with at least
-  ``ann_min_rows`` rows (explicit ids, never positions). A scope larger than
-  ``exact_max_rows`` is searched there; a partial scope uses an ``IDSelectorBitmap`` over the
-  scope's ids inside FAISS. Search parameters (``nprobe``, ``ef_search``) are per call.
+  only the delta rows whose code is in scope. Removing a delta row deletes it.
+* **ann**: for kinds ``ivf`` and ``hnsw``, one FAISS index per namespace with at least
+  ``ann_min_rows`` rows (``ann.py``). A scope larger than ``exact_max_rows`` is searched there.
+
+A :class:`RowFilter` (time window, hidden ids) narrows a search further. It is applied inside
+the search: exact search scores only the rows that pass (gathered), ANN search passes an ID
+selector of them. ``path_counts`` counts which path each search took (``exact``,
+``exact-filtered``, ``ivf``, ``hnsw``), so tests and benchmarks can assert the path.
 
 Scores: inner product for metric ``ip``; negative squared L2 distance for ``l2`` (higher is
 always better). Saves are atomic: new files get generation-stamped names, are written to a
@@ -26,14 +30,19 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import faiss
 import numpy as np
 
+from . import ann as A
+
 Key = tuple[str, str]  # (namespace, session)
 SMALL_BATCH = 16  # query batches below this size run single-threaded (see _threads)
+KINDS = ("flat", "ivf", "hnsw")
+INDEX_FORMAT = 2
 
 
 class _threads:
@@ -52,7 +61,6 @@ class _threads:
     def __exit__(self, *exc):
         if self.one:
             faiss.omp_set_num_threads(self.prev)
-KINDS = ("flat", "ivf", "hnsw")
 
 
 @dataclass
@@ -80,6 +88,36 @@ class IndexConfig:
         for name in ("hnsw_m", "ef_construction", "nprobe", "ef_search"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """Rows a search may return besides its sessions: a time window on ``field``
+    (``happened_at`` rows without one never pass) and ids to hide (sorted int64)."""
+
+    since: float | None = None
+    until: float | None = None
+    field: str = "happened_at"
+    hidden: np.ndarray | None = None
+
+    @property
+    def active(self) -> bool:
+        return (self.since is not None or self.until is not None
+                or (self.hidden is not None and len(self.hidden) > 0))
+
+    def mask(self, ids: np.ndarray, rec: np.ndarray, hap: np.ndarray) -> np.ndarray:
+        t = hap if self.field == "happened_at" else rec
+        ok = np.ones(len(ids), bool)
+        if self.since is not None:
+            ok &= t >= self.since
+        if self.until is not None:
+            ok &= t <= self.until
+        if self.hidden is not None and len(self.hidden):
+            ok &= ~np.isin(ids, self.hidden)
+        return ok
+
+
+NO_FILTER = RowFilter()
 
 
 def file_crc(path: str) -> int:
@@ -110,32 +148,45 @@ class SpaceIndex:
         self.dim, self.cfg, self.generation = dim, cfg, generation
         self.base_vecs = np.zeros((0, dim), np.float32)
         self.base_ids = np.zeros(0, np.int64)
+        self.base_rec = np.zeros(0, np.float64)
+        self.base_hap = np.zeros(0, np.float64)
         self.slices: dict[Key, tuple[int, int]] = {}
-        self._dv: list[np.ndarray] = []
-        self._di: list[np.ndarray] = []
-        self._dc: list[np.ndarray] = []
-        self._delta: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.base_dead: np.ndarray | None = None  # bool mask, allocated on first removal
+        self.dead_by_key: dict[Key, int] = {}
+        self._base_sorted: tuple[np.ndarray, np.ndarray] | None = None
+        self._starts: tuple[np.ndarray, list[Key]] | None = None
+        self._delta = self._empty_delta()
+        self._pending: list[tuple] = []
         self.codes: dict[Key, int] = {}
         self.delta_counts: dict[Key, int] = {}
-        self.ann: dict[str, Any] = {}
+        self.ann: dict[str, A.NamespaceANN] = {}
         self.max_id = 0
         self.saved_generation = -1
+        self.path_counts: Counter = Counter()
+
+    def _empty_delta(self):
+        return (np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64),
+                np.zeros(0, np.int32), np.zeros(0, np.float64), np.zeros(0, np.float64))
 
     # ---- building -------------------------------------------------------------------
     @classmethod
     def from_sorted(cls, dim: int, cfg: IndexConfig, generation: int, vecs: np.ndarray,
-                    ids: np.ndarray, slices: dict[Key, tuple[int, int]]) -> SpaceIndex:
+                    ids: np.ndarray, rec: np.ndarray, hap: np.ndarray,
+                    slices: dict[Key, tuple[int, int]]) -> SpaceIndex:
         ix = cls(dim, cfg, generation)
         ix.base_vecs, ix.base_ids, ix.slices = vecs, ids.astype(np.int64), dict(slices)
+        ix.base_rec, ix.base_hap = np.asarray(rec, np.float64), np.asarray(hap, np.float64)
         ix.max_id = int(ids.max()) if len(ids) else 0
         return ix
 
     @property
     def rows(self) -> int:
-        return len(self.base_ids) + sum(len(i) for i in self._di)
+        return self.scope_rows(list(set(self.slices) | set(self.delta_counts)))
 
-    def add(self, vecs: np.ndarray, ids: np.ndarray, keys: list[Key], generation: int) -> None:
-        """Append rows (already committed to LMDB) to the delta and to existing ANN indexes."""
+    def add(self, vecs: np.ndarray, ids: np.ndarray, keys: list[Key], rec: np.ndarray,
+            hap: np.ndarray, generation: int) -> None:
+        """Append rows (already committed to LMDB, ids not in the index) to the delta and to
+        existing ANN indexes."""
         if len(ids):
             codes = np.empty(len(ids), np.int32)
             for j, key in enumerate(keys):
@@ -144,10 +195,9 @@ class SpaceIndex:
                     c = self.codes[key] = len(self.codes)
                 codes[j] = c
                 self.delta_counts[key] = self.delta_counts.get(key, 0) + 1
-            self._dv.append(np.ascontiguousarray(vecs, np.float32))
-            self._di.append(np.asarray(ids, np.int64))
-            self._dc.append(codes)
-            self._delta = None
+            self._pending.append((np.ascontiguousarray(vecs, np.float32),
+                                  np.asarray(ids, np.int64), codes,
+                                  np.asarray(rec, np.float64), np.asarray(hap, np.float64)))
             self.max_id = max(self.max_id, int(ids.max()))
             by_ns: dict[str, list[int]] = {}
             for j, (ns, _) in enumerate(keys):
@@ -155,19 +205,61 @@ class SpaceIndex:
                     by_ns.setdefault(ns, []).append(j)
             for ns, rows in by_ns.items():
                 r = np.asarray(rows)
-                self.ann[ns].add_with_ids(np.ascontiguousarray(vecs[r]), ids[r].astype(np.int64))
+                self.ann[ns].index.add_with_ids(np.ascontiguousarray(vecs[r]),
+                                                ids[r].astype(np.int64))
         self.generation = generation
 
-    def _delta_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if self._delta is None:
-            if self._dv:
-                self._delta = (np.concatenate(self._dv), np.concatenate(self._di),
-                               np.concatenate(self._dc))
-                self._dv, self._di, self._dc = [self._delta[0]], [self._delta[1]], [
-                    self._delta[2]]
+    def remove(self, ids: np.ndarray, generation: int | None = None,
+               rewritten: bool = False) -> None:
+        """Drop rows by id (ids not in the index are ignored). ``rewritten``: the ids come
+        back with new vectors (upsert, re-key): HNSW graphs holding them are dropped."""
+        ids = np.unique(np.asarray(ids, np.int64))
+        if len(ids) and len(self.base_ids):
+            order, sorted_ids = self._sorted_base()
+            pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+            hit = order[pos[sorted_ids[pos] == ids]]
+            if self.base_dead is None:
+                self.base_dead = np.zeros(len(self.base_ids), bool)
+            hit = hit[~self.base_dead[hit]]
+            self.base_dead[hit] = True
+            starts, keys = self._slice_starts()
+            for j, n in Counter(np.searchsorted(starts, hit, "right") - 1).items():
+                self.dead_by_key[keys[j]] = self.dead_by_key.get(keys[j], 0) + n
+        if len(ids):
+            dv, di, dc, dr, dh = self._delta_arrays()
+            gone = np.isin(di, ids)
+            if gone.any():
+                inv = {c: k for k, c in self.codes.items()}
+                for c, n in Counter(dc[gone].tolist()).items():
+                    self.delta_counts[inv[c]] -= n
+                keep = ~gone
+                self._delta = (dv[keep], di[keep], dc[keep], dr[keep], dh[keep])
+        for ns in list(self.ann):
+            if rewritten and self.ann[ns].kind == "hnsw":
+                del self.ann[ns]
             else:
-                self._delta = (np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64),
-                               np.zeros(0, np.int32))
+                A.remove(self.ann[ns], ids)
+        if generation is not None:
+            self.generation = generation
+
+    def _sorted_base(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._base_sorted is None:
+            order = np.argsort(self.base_ids, kind="stable")
+            self._base_sorted = (order, self.base_ids[order])
+        return self._base_sorted
+
+    def _slice_starts(self) -> tuple[np.ndarray, list[Key]]:
+        if self._starts is None:
+            items = sorted(self.slices.items(), key=lambda kv: kv[1][0])
+            self._starts = (np.asarray([a for _, (a, _) in items], np.int64),
+                            [k for k, _ in items])
+        return self._starts
+
+    def _delta_arrays(self):
+        if self._pending:
+            parts = [self._delta] + self._pending
+            self._delta = tuple(np.concatenate([p[j] for p in parts]) for j in range(5))
+            self._pending = []
         return self._delta
 
     def keys_of(self, ns: str) -> list[Key]:
@@ -177,59 +269,51 @@ class SpaceIndex:
         n = 0
         for key in keys:
             a, b = self.slices.get(key, (0, 0))
-            n += b - a + self.delta_counts.get(key, 0)
+            n += b - a - self.dead_by_key.get(key, 0) + self.delta_counts.get(key, 0)
         return n
 
-    def all_rows(self) -> tuple[np.ndarray, np.ndarray, list[Key]]:
-        """Every (vector, id, key) row: base then delta (used by saves and ANN builds)."""
-        dv, di, dc = self._delta_arrays()
+    def all_rows(self) -> tuple[np.ndarray, np.ndarray, list[Key], np.ndarray, np.ndarray]:
+        """Every live (vector, id, key, recorded_at, happened_at) row: base then delta."""
+        dv, di, dc, dr, dh = self._delta_arrays()
         inv = {c: k for k, c in self.codes.items()}
         keys: list[Key] = [None] * len(self.base_ids)  # type: ignore[list-item]
         for key, (a, b) in self.slices.items():
             keys[a:b] = [key] * (b - a)
+        live = None if self.base_dead is None else ~self.base_dead
+        bv, bi, br, bh = self.base_vecs, self.base_ids, self.base_rec, self.base_hap
+        if live is not None:
+            bv, bi, br, bh = bv[live], bi[live], br[live], bh[live]
+            keys = [k for k, ok in zip(keys, live.tolist(), strict=True) if ok]
         keys += [inv[int(c)] for c in dc]
-        return (np.concatenate([self.base_vecs, dv]) if len(dv) else np.asarray(self.base_vecs),
-                np.concatenate([self.base_ids, di]), keys)
+        return (np.concatenate([bv, dv]) if len(dv) else np.asarray(bv),
+                np.concatenate([bi, di]), keys, np.concatenate([br, dr]),
+                np.concatenate([bh, dh]))
 
-    def _build_ann(self, ns: str, rows=None) -> None:
-        vecs, ids, keys = rows if rows is not None else self.all_rows()
-        sel = np.fromiter((k[0] == ns for k in keys), bool, len(keys))
-        x, xi = np.ascontiguousarray(vecs[sel]), ids[sel]
-        metric = faiss.METRIC_INNER_PRODUCT if self.cfg.metric == "ip" else faiss.METRIC_L2
-        if self.cfg.kind == "ivf":
-            nlist = self.cfg.nlist or int(np.clip(np.sqrt(len(x)), 8, 65536))
-            nlist = max(1, min(nlist, len(x) // 39))  # faiss wants >= 39 points a list
-            quant = faiss.IndexFlat(self.dim, metric)
-            inner = faiss.IndexIVFFlat(quant, self.dim, nlist, metric)
-            rng = np.random.default_rng(0)
-            sample = x if len(x) <= 64 * nlist else x[rng.choice(len(x), 64 * nlist, False)]
-            inner.train(sample)
-        else:
-            inner = faiss.IndexHNSWFlat(self.dim, self.cfg.hnsw_m, metric)
-            inner.hnsw.efConstruction = self.cfg.ef_construction
-        ann = faiss.IndexIDMap2(inner)  # faiss keeps a Python reference to ``inner``
-        ann.add_with_ids(x, xi.astype(np.int64))
-        self.ann[ns] = ann
-
-    def ensure_ann(self) -> None:
+    def ensure_ann(self, only: str | None = None) -> None:
         """Build missing ANN indexes for namespaces that reached ``ann_min_rows``."""
         if self.cfg.kind == "flat":
             return
         counts: dict[str, int] = {}
         for key in set(self.slices) | set(self.delta_counts):
-            counts[key[0]] = counts.get(key[0], 0) + self.scope_rows([key])
+            if only is None or key[0] == only:
+                counts[key[0]] = counts.get(key[0], 0) + self.scope_rows([key])
         todo = [ns for ns, n in counts.items()
                 if ns not in self.ann and n >= max(self.cfg.ann_min_rows, 1)]
         rows = self.all_rows() if todo else None
         for ns in todo:
-            self._build_ann(ns, rows)
+            vecs, ids, keys = rows[0], rows[1], rows[2]
+            sel = np.fromiter((k[0] == ns for k in keys), bool, len(keys))
+            self.ann[ns] = A.build(self.cfg.kind, self.dim, self.cfg.metric, vecs[sel],
+                                   ids[sel], nlist=self.cfg.nlist, hnsw_m=self.cfg.hnsw_m,
+                                   ef_construction=self.cfg.ef_construction)
 
     # ---- search ---------------------------------------------------------------------
     def search(self, q: np.ndarray, keys: list[Key], k: int, *, exact: bool = False,
                nprobe: int | None = None, ef_search: int | None = None,
-               whole_namespace: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k over the rows of ``keys`` (all of one namespace). Returns (scores, ids),
-        shape (nq, k), padded with -inf / -1 when the scope holds fewer than k rows."""
+               whole_namespace: bool = False,
+               filt: RowFilter = NO_FILTER) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k over the live rows of ``keys`` (all of one namespace) that pass ``filt``.
+        Returns (scores, ids), shape (nq, k), padded with -inf / -1."""
         nq = q.shape[0]
         n_scope = self.scope_rows(keys)
         out_s = np.full((nq, k), -np.inf, np.float32)
@@ -239,12 +323,14 @@ class SpaceIndex:
         ns = keys[0][0]
         use_ann = (not exact and self.cfg.kind != "flat" and n_scope > self.cfg.exact_max_rows)
         if use_ann:
-            self.ensure_ann()
+            self.ensure_ann(ns)
         with _threads(nq):
             if use_ann and ns in self.ann:
-                s, i = self._search_ann(q, keys, k, nprobe, ef_search, whole_namespace)
+                s, i = self._search_ann(q, keys, k, nprobe, ef_search, whole_namespace, filt)
+                self.path_counts[self.ann[ns].kind] += 1
             else:
-                s, i = self._search_exact(q, keys, k)
+                s, i = self._search_exact(q, keys, k, filt)
+                self.path_counts["exact-filtered" if filt.active else "exact"] += 1
         out_s[:, : s.shape[1]], out_i[:, : i.shape[1]] = s, i
         return out_s, out_i
 
@@ -252,80 +338,95 @@ class SpaceIndex:
         """Exact top-k of one contiguous block through faiss (its own threads, no numpy BLAS:
         mixing the two thread pools costs milliseconds of spinning per query)."""
         kk = min(k, len(x))
-        metric = faiss.METRIC_INNER_PRODUCT if self.cfg.metric == "ip" else faiss.METRIC_L2
-        d, i = faiss.knn(q, np.ascontiguousarray(x), kk, metric=metric)
+        d, i = faiss.knn(q, np.ascontiguousarray(x), kk, metric=A.metric_of(self.cfg.metric))
         if self.cfg.metric == "l2":
             d = -d
         return d.astype(np.float32), ids[i]
 
-    def _search_exact(self, q: np.ndarray, keys: list[Key], k: int):
-        runs = sorted(self.slices[key] for key in keys if key in self.slices)
-        merged: list[list[int]] = []
-        for a, b in runs:
+    def _runs(self, keys: list[Key]) -> list[tuple[int, int, bool]]:
+        """Merged contiguous base runs of ``keys``: (start, stop, has dead rows)."""
+        runs = sorted((self.slices[key], self.dead_by_key.get(key, 0) > 0)
+                      for key in keys if key in self.slices)
+        merged: list[list] = []
+        for (a, b), dead in runs:
             if merged and merged[-1][1] == a:
                 merged[-1][1] = b
+                merged[-1][2] |= dead
             elif b > a:
-                merged.append([a, b])
+                merged.append([a, b, dead])
+        return [tuple(m) for m in merged]
+
+    def _delta_rows(self, keys: list[Key], filt: RowFilter) -> np.ndarray:
+        if not any(self.delta_counts.get(key) for key in keys):
+            return np.zeros(0, np.int64)
+        dv, di, dc, dr, dh = self._delta_arrays()
+        codes = np.fromiter((self.codes[key] for key in keys if key in self.codes), np.int32)
+        ok = np.isin(dc, codes)
+        if filt.active:
+            ok &= filt.mask(di, dr, dh)
+        return np.flatnonzero(ok)
+
+    def _search_exact(self, q: np.ndarray, keys: list[Key], k: int, filt: RowFilter):
         cand_s, cand_i = [], []
-        for a, b in merged:
+        for a, b, dead in self._runs(keys):
+            if dead or filt.active:
+                ok = np.ones(b - a, bool) if not dead else ~self.base_dead[a:b]
+                if filt.active:
+                    ok &= filt.mask(self.base_ids[a:b], self.base_rec[a:b], self.base_hap[a:b])
+                rows = np.flatnonzero(ok) + a
+                if len(rows):
+                    s, i = self._knn(q, self.base_vecs[rows], self.base_ids[rows], k)
+                    cand_s.append(s)
+                    cand_i.append(i)
+                continue
             s, i = self._knn(q, self.base_vecs[a:b], self.base_ids[a:b], k)
             cand_s.append(s)
             cand_i.append(i)
-        if any(self.delta_counts.get(key) for key in keys):
-            dv, di, dc = self._delta_arrays()
-            codes = np.fromiter((self.codes[key] for key in keys if key in self.codes), np.int32)
-            rows = np.flatnonzero(np.isin(dc, codes))
+        rows = self._delta_rows(keys, filt)
+        if len(rows):
+            dv, di = self._delta[0], self._delta[1]
             s, i = self._knn(q, dv[rows], di[rows], k)
             cand_s.append(s)
             cand_i.append(i)
+        if not cand_s:
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
         if len(cand_s) == 1:
             return cand_s[0], cand_i[0]
         return _topk(np.concatenate(cand_s, 1), np.concatenate(cand_i, 1), k)
 
-    def scope_ids(self, keys: list[Key]) -> np.ndarray:
-        parts = [self.base_ids[a:b] for a, b in (self.slices[x] for x in keys if x in self.slices)]
-        if any(self.delta_counts.get(key) for key in keys):
-            _, di, dc = self._delta_arrays()
-            codes = np.fromiter((self.codes[key] for key in keys if key in self.codes), np.int32)
-            parts.append(di[np.isin(dc, codes)])
+    def scope_ids(self, keys: list[Key], filt: RowFilter = NO_FILTER) -> np.ndarray:
+        """The live ids of ``keys`` that pass ``filt``."""
+        parts = []
+        for a, b, dead in self._runs(keys):
+            ok = np.ones(b - a, bool) if not dead else ~self.base_dead[a:b]
+            if filt.active:
+                ok &= filt.mask(self.base_ids[a:b], self.base_rec[a:b], self.base_hap[a:b])
+            parts.append(self.base_ids[a:b][ok])
+        rows = self._delta_rows(keys, filt)
+        if len(rows):
+            parts.append(self._delta[1][rows])
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
-    def _search_ann(self, q, keys, k, nprobe, ef_search, whole_namespace):
+    def _search_ann(self, q, keys, k, nprobe, ef_search, whole_namespace, filt):
         ann = self.ann[keys[0][0]]
-        bitmap = None
-        sel = None
-        if not whole_namespace:
-            ids = self.scope_ids(keys)
-            if self.max_id <= 64 * max(self.rows, 1) + (1 << 24):
-                mask = np.zeros(self.max_id + 1, bool)
-                mask[ids] = True
-                bitmap = np.packbits(mask, bitorder="little")
-                sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
-            else:  # sparse explicit ids: a hash-set selector
-                bitmap = np.ascontiguousarray(ids, np.int64)
-                sel = faiss.IDSelectorBatch(len(bitmap), faiss.swig_ptr(bitmap))
-        if self.cfg.kind == "ivf":
-            params = faiss.SearchParametersIVF(nprobe=int(nprobe or self.cfg.nprobe), sel=sel)
-        else:
-            params = faiss.SearchParametersHNSW(efSearch=int(ef_search or self.cfg.ef_search),
-                                                sel=sel)
-        d, i = ann.search(np.ascontiguousarray(q), k, params=params)
-        del bitmap
-        d = d if self.cfg.metric == "ip" else -d
-        d[i < 0] = -np.inf
-        return d.astype(np.float32), i
+        allowed = None
+        if not whole_namespace or filt.active or ann.dead:
+            allowed = self.scope_ids(keys, filt)
+        return A.search(ann, q, k, self.cfg.metric, allowed, self.max_id, self.rows,
+                        nprobe or self.cfg.nprobe, ef_search or self.cfg.ef_search)
 
     # ---- persistence ----------------------------------------------------------------
     def save(self, directory: str, order: dict[Key, int]) -> None:
-        """Merge delta into base (sorted by ``order``, then id) and write atomically."""
+        """Merge delta into base (sorted by ``order``, then id), drop dead rows, and write
+        atomically."""
         os.makedirs(directory, exist_ok=True)
         self.ensure_ann()
-        vecs, ids, keys = self.all_rows()
+        vecs, ids, keys, rec, hap = self.all_rows()
         rank = np.fromiter((order.get(key, -1) for key in keys), np.int64, len(keys))
         keep = rank >= 0
         perm = np.lexsort((ids, rank))
         perm = perm[keep[perm]]
-        vecs, ids = np.ascontiguousarray(vecs[perm]), ids[perm]
+        vecs, ids, rec, hap = np.ascontiguousarray(vecs[perm]), ids[perm], rec[perm], hap[perm]
         skeys = [keys[p] for p in perm]
         slices: dict[Key, tuple[int, int]] = {}
         start = 0
@@ -353,15 +454,18 @@ class SpaceIndex:
 
         put(f"vecs-{g}.npy", save_npy(vecs))
         put(f"ids-{g}.npy", save_npy(ids))
-        ann_files = {}
+        put(f"times-{g}.npy", save_npy(np.stack([rec, hap]) if len(ids)
+                                       else np.zeros((2, 0), np.float64)))
+        ann_files, ann_dead = {}, {}
         for j, (ns, ann) in enumerate(sorted(self.ann.items())):
             name = f"ann-{g}-{j}.faiss"
-            put(name, lambda p, a=ann: faiss.write_index(a, p))
+            put(name, lambda p, a=ann: faiss.write_index(a.index, p))
             ann_files[ns] = name
-        manifest = {"generation": g, "dim": self.dim, "kind": self.cfg.kind,
-                    "metric": self.cfg.metric, "max_id": self.max_id, "files": files,
-                    "ann": ann_files, "slices": [[k[0], k[1], a, b] for k, (a, b) in
-                                                 slices.items()]}
+            ann_dead[ns] = sorted(ann.dead)
+        manifest = {"format": INDEX_FORMAT, "generation": g, "dim": self.dim,
+                    "kind": self.cfg.kind, "metric": self.cfg.metric, "max_id": self.max_id,
+                    "files": files, "ann": ann_files, "ann_dead": ann_dead,
+                    "slices": [[k[0], k[1], a, b] for k, (a, b) in slices.items()]}
         tmp = os.path.join(directory, f"manifest.json.tmp{os.getpid()}")
         with open(tmp, "w") as f:
             json.dump(manifest, f)
@@ -381,19 +485,23 @@ class SpaceIndex:
                     pass
         del vecs
         self.base_vecs = np.load(os.path.join(directory, f"vecs-{g}.npy"), mmap_mode="r")
-        self.base_ids, self.slices = ids, slices
-        self._dv, self._di, self._dc, self._delta = [], [], [], None
+        self.base_ids, self.base_rec, self.base_hap, self.slices = ids, rec, hap, slices
+        self.base_dead, self.dead_by_key = None, {}
+        self._base_sorted = self._starts = None
+        self._delta, self._pending = self._empty_delta(), []
         self.codes, self.delta_counts = {}, {}
         self.saved_generation = g
 
     @classmethod
     def load(cls, directory: str, cfg: IndexConfig, dim: int) -> SpaceIndex | None:
-        """Load a saved index, or None if it is missing, of another config, or corrupt."""
+        """Load a saved index, or None if it is missing, of another config or format, or
+        corrupt."""
         path = os.path.join(directory, "manifest.json")
         try:
             with open(path) as f:
                 m = json.load(f)
-            if (m["dim"], m["kind"], m["metric"]) != (dim, cfg.kind, cfg.metric):
+            if (m.get("format"), m["dim"], m["kind"], m["metric"]) != (
+                    INDEX_FORMAT, dim, cfg.kind, cfg.metric):
                 return None
             for name, crc in m["files"].items():
                 if file_crc(os.path.join(directory, name)) != crc:
@@ -401,14 +509,23 @@ class SpaceIndex:
             g = m["generation"]
             vecs = np.load(os.path.join(directory, f"vecs-{g}.npy"), mmap_mode="r")
             ids = np.load(os.path.join(directory, f"ids-{g}.npy"))
-            if vecs.shape != (len(ids), dim):
+            times = np.load(os.path.join(directory, f"times-{g}.npy"))
+            if vecs.shape != (len(ids), dim) or times.shape != (2, len(ids)):
                 return None
-            ix = cls.from_sorted(dim, cfg, g, vecs, ids,
+            ix = cls.from_sorted(dim, cfg, g, vecs, ids, times[0], times[1],
                                  {(a, b): (s, e) for a, b, s, e in m["slices"]})
             for ns, name in m["ann"].items():
-                ix.ann[ns] = faiss.read_index(os.path.join(directory, name))
+                ix.ann[ns] = A.NamespaceANN(faiss.read_index(os.path.join(directory, name)),
+                                            cfg.kind, set(m["ann_dead"].get(ns, [])))
             ix.max_id = max(ix.max_id, int(m["max_id"]))
             ix.saved_generation = g
             return ix
         except (OSError, ValueError, KeyError, TypeError, RuntimeError):
             return None
+
+
+def describe(ix: SpaceIndex | None) -> dict[str, Any]:
+    """Row counts and ANN namespaces of an index (for ``stats``)."""
+    if ix is None:
+        return {"rows": 0}
+    return {"rows": ix.rows, "generation": ix.generation, "ann_namespaces": sorted(ix.ann)}

@@ -9,26 +9,34 @@ Directory::
 
 LMDB databases (keys are bytes; ids are 8-byte big-endian so key order is id order):
 
-    meta      b"generation" (u64, +1 per committed write), b"mut_generation" (generation of
-              the last delete/update, i.e. last change that was not a pure append),
-              b"next_id", b"latent_dim", b"text_dim", b"config" (JSON)
-    traces    id -> record (``records.encode_record``)
-    text_vec  id -> float32 text embedding
+    meta       b"generation" (u64, +1 per committed write), b"next_id", b"latent_dim",
+               b"text_dim", b"config" (JSON), b"log_floor" (see ``changes.py``)
+    traces     id -> record (``codec.encode_record``)
+    text_vec   id -> float32 text embedding
     latent_vec id -> float32 latent key
-    sessions  ns \\0 session -> JSON {"ordinal", "first_write", "count"}
-    namespaces ns -> JSON {"next_ordinal", "created"}
-    members   ns \\0 session -> id (dupsort, dupfixed): the ids of a session
+    info       id -> <dd recorded_at, happened_at (NaN: none)> + ns \\0 session: what an
+               index needs of a trace without decoding its record
+    sessions   ns \\0 session -> JSON {"ordinal", "first_write", "count"}
+    namespaces ns -> JSON {"next_ordinal", "created", "gen"}
+    members    ns \\0 session -> id (dupsort, dupfixed): the ids of a session
+    ext        ns \\0 external id -> id: the callers' ids
+    superseded ns \\0 id -> id (dupsort, dupfixed): traces that supersede a trace
+    changes    generation -> the ids that write removed and (re)wrote (``changes.py``)
 
 An environment is opened once per process per path (LMDB forbids opening it twice) and
-shared by every ``TraceStore`` on that path. ``write`` retries a transaction after doubling
+shared by every ``TraceStore`` on that path. Readers take LMDB's reader lock (a slot in
+``lock.mdb``), so the writer never reuses pages a reader still sees: every read transaction
+is a consistent snapshot of the last commit. ``write`` retries a transaction after doubling
 the map when LMDB reports the map full, so a long run never fails with MapFullError and the
-aborted attempt leaves nothing behind.
+aborted attempt leaves nothing behind. ``compact`` swaps in a compacted copy of the LMDB
+files; other processes notice the new file (its inode) at their next read and reopen it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import threading
 from collections.abc import Callable
@@ -38,10 +46,13 @@ import lmdb
 
 from .errors import FormatVersionError, NotAStoreError, ReadOnlyError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER = "store.json"
-DB_NAMES = ("meta", "traces", "text_vec", "latent_vec", "sessions", "namespaces", "members")
+DUP_DBS = ("members", "superseded")
+DB_NAMES = ("meta", "traces", "text_vec", "latent_vec", "info", "sessions", "namespaces",
+            "members", "ext", "superseded", "changes")
 _U64 = struct.Struct(">Q")
+INFO = struct.Struct("<dd")
 T = TypeVar("T")
 
 _registry: dict[str, _Env] = {}
@@ -65,36 +76,86 @@ def split_sess_key(b: bytes) -> tuple[str, str]:
     return ns.decode(), s.decode()
 
 
+def ext_key(ns: str, external_id: str) -> bytes:
+    return ns.encode() + b"\x00" + external_id.encode()
+
+
 def u64(b: bytes | None, default: int = 0) -> int:
     return default if b is None else _U64.unpack(b)[0]
+
+
+def encode_info(recorded_at: float, happened_at: float | None, ns: str, session: str) -> bytes:
+    return INFO.pack(recorded_at, float("nan") if happened_at is None else happened_at) + \
+        sess_key(ns, session)
+
+
+def decode_info(b: bytes) -> tuple[float, float, tuple[str, str]]:
+    """(recorded_at, happened_at or NaN, (namespace, session))."""
+    b = bytes(b)
+    rec, hap = INFO.unpack_from(b, 0)
+    return rec, hap, split_sess_key(b[INFO.size:])
+
+
+def _open_lmdb(lmdb_dir: str, writable: bool, map_size: int) -> tuple[lmdb.Environment, dict]:
+    lock_file = os.path.join(lmdb_dir, "lock.mdb")
+    # readers register in lock.mdb so their snapshot pages are never reused; only a
+    # read-only directory (no lock file to write) reads without it
+    lock = writable or os.access(lock_file, os.W_OK) or (
+        not os.path.exists(lock_file) and os.access(lmdb_dir, os.W_OK))
+    env = lmdb.open(lmdb_dir, map_size=map_size, max_dbs=len(DB_NAMES) + 1,
+                    readonly=not writable, lock=lock, subdir=True, max_readers=512,
+                    create=writable)
+    dbs = {}
+    try:
+        for name in DB_NAMES:
+            dup = name in DUP_DBS
+            dbs[name] = env.open_db(name.encode(), dupsort=dup, dupfixed=dup, create=writable)
+    except lmdb.NotFoundError:
+        env.close()
+        raise FormatVersionError(f"{os.path.dirname(lmdb_dir)}: written by an older store "
+                                 "format; open it once with mode='w' to upgrade it") from None
+    return env, dbs
 
 
 class _Env:
     """One LMDB environment plus its named databases; reference counted per process."""
 
     def __init__(self, path: str, writable: bool, map_size: int):
-        lmdb_dir = os.path.join(path, "lmdb")
-        self.writable = writable
-        self.env = lmdb.open(lmdb_dir, map_size=map_size, max_dbs=len(DB_NAMES) + 1,
-                             readonly=not writable, lock=writable, subdir=True,
-                             max_readers=256, create=writable)
-        self.dbs = {}
-        for name in DB_NAMES:
-            dup = name == "members"
-            if writable:
-                self.dbs[name] = self.env.open_db(name.encode(), dupsort=dup, dupfixed=dup,
-                                                  create=True)
-            else:
-                self.dbs[name] = self.env.open_db(name.encode(), dupsort=dup, dupfixed=dup,
-                                                  create=False)
+        self.path, self.writable, self.map_size = path, writable, map_size
+        self.lmdb_dir = os.path.join(path, "lmdb")
+        self.env, self.dbs = _open_lmdb(self.lmdb_dir, writable, map_size)
+        self.inode = self._data_inode()
+        self.retired: list[lmdb.Environment] = []
         self.refs = 0
         self.lock = threading.RLock()
 
+    def _data_inode(self) -> int:
+        try:
+            return os.stat(os.path.join(self.lmdb_dir, "data.mdb")).st_ino
+        except OSError:
+            return -1
+
+    def _follow_compaction(self) -> None:
+        """Reopen when ``compact`` (in any process) swapped in a new data file."""
+        if self._data_inode() == self.inode:
+            return
+        with self.lock:
+            if self._data_inode() == self.inode:
+                return
+            self.retired.append(self.env)  # threads may still read the old snapshot
+            self.env, self.dbs = _open_lmdb(self.lmdb_dir, self.writable, self.map_size)
+            self.inode = self._data_inode()
+
     def read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        with self.begin() as txn:
+            return fn(txn)
+
+    def begin(self) -> lmdb.Transaction:
+        """A read transaction (a snapshot of the last commit); the caller closes it."""
+        self._follow_compaction()
         for _ in range(8):
             try:
-                with self.env.begin(buffers=False) as txn:
-                    return fn(txn)
+                return self.env.begin(buffers=False)
             except lmdb.MapResizedError:
                 self.env.set_mapsize(0)  # adopt the size another process grew the map to
         raise lmdb.MapResizedError("map kept resizing during a read")
@@ -112,11 +173,50 @@ class _Env:
                 except lmdb.MapResizedError:
                     self.env.set_mapsize(0)
 
+    def compact(self) -> tuple[int, int]:
+        """Replace the LMDB files by a compacted copy (the caller holds the writer lock).
+        Returns (bytes before, bytes after)."""
+        with self.lock:
+            before = _dir_bytes(self.lmdb_dir)
+            tmp = self.lmdb_dir + ".compact"
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            self.env.copy(tmp, compact=True)
+            _fsync_dir_files(tmp)
+            old = self.lmdb_dir + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            self.env.close()
+            os.replace(self.lmdb_dir, old)
+            os.replace(tmp, self.lmdb_dir)
+            _fsync_dir_files(self.path)
+            shutil.rmtree(old, ignore_errors=True)
+            self.env, self.dbs = _open_lmdb(self.lmdb_dir, True, self.map_size)
+            self.inode = self._data_inode()
+            return before, _dir_bytes(self.lmdb_dir)
 
-def init_dir(path: str) -> None:
-    """Create an empty store directory (marker last, so a half-made directory is detectable)."""
-    os.makedirs(os.path.join(path, "lmdb"), exist_ok=True)
-    os.makedirs(os.path.join(path, "index"), exist_ok=True)
+    def close(self) -> None:
+        for e in self.retired + [self.env]:
+            e.close()
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+
+
+def _fsync_dir_files(path: str) -> None:
+    for name in os.listdir(path):
+        p = os.path.join(path, name)
+        if os.path.isfile(p):
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_marker(path: str) -> None:
     tmp = os.path.join(path, MARKER + ".tmp")
     with open(tmp, "w") as f:
         json.dump({"format": "memory_store", "version": FORMAT_VERSION}, f)
@@ -125,8 +225,20 @@ def init_dir(path: str) -> None:
     os.replace(tmp, os.path.join(path, MARKER))
 
 
-def check_dir(path: str, create: bool) -> bool:
-    """Validate ``path`` as a store directory; create it when allowed. Returns writability."""
+def init_dir(path: str) -> None:
+    """Create an empty store directory: the LMDB databases first and the marker last, so a
+    reader never finds a marked store without its databases."""
+    lmdb_dir = os.path.join(path, "lmdb")
+    os.makedirs(lmdb_dir, exist_ok=True)
+    os.makedirs(os.path.join(path, "index"), exist_ok=True)
+    env, _ = _open_lmdb(lmdb_dir, True, 1 << 20)
+    env.close()
+    _write_marker(path)
+
+
+def check_dir(path: str, create: bool) -> tuple[bool, int]:
+    """Validate ``path`` as a store directory; create it when allowed. Returns (writability,
+    format version on disk)."""
     marker = os.path.join(path, MARKER)
     if not os.path.exists(path):
         if not create:
@@ -158,7 +270,13 @@ def check_dir(path: str, create: bool) -> bool:
         raise FormatVersionError(
             f"{path}: written by store format version {version}; this code reads up to "
             f"{FORMAT_VERSION} (upgrade the package)")
-    return os.access(path, os.W_OK) and os.access(os.path.join(path, "lmdb"), os.W_OK)
+    writable = os.access(path, os.W_OK) and os.access(os.path.join(path, "lmdb"), os.W_OK)
+    return writable, version
+
+
+def mark_current(path: str) -> None:
+    """Record that the store now has this code's format (after an upgrade)."""
+    _write_marker(path)
 
 
 def acquire_env(path: str, writable: bool, map_size: int) -> _Env:
@@ -182,7 +300,7 @@ def release_env(env: _Env) -> None:
             for k, v in list(_registry.items()):
                 if v is env:
                     del _registry[k]
-            env.env.close()
+            env.close()
 
 
 def meta_json(txn: lmdb.Transaction, db: Any, key: bytes) -> Any:

@@ -7,9 +7,11 @@ dropped, a small English stopword list removed, and a light suffix stemmer (plur
 those of the namespace. A scoped search accumulates scores only over documents whose scope
 code is in the query's scope (filtering inside the search, never a post-filter).
 
-Documents may carry a context field whose term frequencies are down-weighted (BM25F style).
-The index is an in-memory cache built from LMDB per namespace on first use and extended by
-appends; like the vector index it records the LMDB generation it reflects.
+Documents may carry context fields whose term frequencies are down-weighted (BM25F style).
+The index is an in-memory cache built from LMDB per namespace on first use; like the vector
+index it records the LMDB generation (of its namespace) it reflects. It keeps each document's
+times and speaker, so a search applies the scope's time window and hidden ids in the scoring
+loop, and hybrid search can find the traces of a speaker named in the query.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import re
 from collections import Counter
 
 import numpy as np
+
+from .index import NO_FILTER, RowFilter
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 STOPWORDS = frozenset("""
@@ -59,22 +63,31 @@ class BM25Index:
         self.k1, self.b = k1, b
         self.ids: list[int] = []
         self.codes: list[int] = []
-        self.lens: list[int] = []
-        self._post: dict[str, tuple[list[int], list[int]]] = {}
+        self.lens: list[float] = []
+        self.rec: list[float] = []
+        self.hap: list[float] = []
+        self.speakers: dict[str, list[int]] = {}  # lowercased speaker -> doc rows
+        self._post: dict[str, tuple[list[int], list[float]]] = {}
         self._frozen: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
         self.generation = 0
 
-    def add(self, doc_id: int, code: int, text: str, context: str = "",
-            context_weight: float = 0.0) -> None:
-        """Index a document; ``context`` tokens count ``context_weight`` each."""
+    def add(self, doc_id: int, code: int, text: str,
+            fields: list[tuple[str, float]] = (), recorded_at: float = 0.0,
+            happened_at: float = math.nan, speaker: str | None = None) -> None:
+        """Index a document; the tokens of each ``(text, weight)`` field count ``weight``."""
         row = len(self.ids)
         toks: Counter = Counter(tokenize(text))
-        if context and context_weight > 0:
-            for tok in tokenize(context):
-                toks[tok] += context_weight
+        for field_text, weight in fields:
+            if field_text and weight > 0:
+                for tok in tokenize(field_text):
+                    toks[tok] += weight
         self.ids.append(doc_id)
         self.codes.append(code)
         self.lens.append(sum(toks.values()))
+        self.rec.append(recorded_at)
+        self.hap.append(happened_at)
+        if speaker:
+            self.speakers.setdefault(speaker.lower(), []).append(row)
         for tok, tf in toks.items():
             rows, tfs = self._post.setdefault(tok, ([], []))
             rows.append(row)
@@ -87,18 +100,45 @@ class BM25Index:
                             for t, (r, f) in self._post.items()}
             self._ids = np.asarray(self.ids, np.int64)
             self._codes = np.asarray(self.codes, np.int32)
+            self._rec = np.asarray(self.rec, np.float64)
+            self._hap = np.asarray(self.hap, np.float64)
             lens = np.asarray(self.lens, np.float32)
             avg = float(lens.mean()) if len(lens) else 1.0
             self._norm = self.k1 * (1 - self.b + self.b * lens / max(avg, 1e-9))
+            self._speaker_of = {}
+            for name, rows in self.speakers.items():
+                for r in rows:
+                    self._speaker_of[self.ids[r]] = name
         return self._frozen
 
-    def search(self, query: str, scope_codes: np.ndarray, k: int) -> tuple[np.ndarray,
-                                                                            np.ndarray]:
-        """Top-k (scores, ids) among documents whose code is in ``scope_codes``; documents
-        sharing no query token are not returned."""
+    def speaker_ids(self, query: str) -> set[int]:
+        """Ids of the documents of the one speaker the query names (empty when it names
+        none or several)."""
+        self._arrays()
+        words = set(re.findall(r"[a-z0-9]+", query.lower()))
+        named = [s for s in self.speakers if set(re.findall(r"[a-z0-9]+", s)) <= words]
+        if len(named) != 1:
+            return set()
+        return {i for i, s in self._speaker_of.items() if s == named[0]}
+
+    def times_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(recorded_at, happened_at) of documents by id."""
+        self._arrays()
+        pos = {i: r for r, i in enumerate(self.ids)}
+        rows = np.fromiter((pos[int(i)] for i in ids), np.int64, len(ids))
+        return self._rec[rows], self._hap[rows]
+
+    def search(self, query: str, scope_codes: np.ndarray, k: int,
+               filt: RowFilter = NO_FILTER, keep_ties: bool = False
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) among documents whose code is in ``scope_codes`` and that
+        pass ``filt``; documents sharing no query token are not returned. ``keep_ties``:
+        also return the documents tied with the k-th."""
         post = self._arrays()
         n = len(self.ids)
         in_scope = np.isin(self._codes, scope_codes)
+        if filt.active:
+            in_scope &= filt.mask(self._ids, self._rec, self._hap)
         scores = np.zeros(n, np.float32)
         hit = np.zeros(n, bool)
         for tok, qtf in Counter(tokenize(query)).items():
@@ -118,5 +158,10 @@ class BM25Index:
         if not len(cand):
             return np.zeros(0, np.float32), np.zeros(0, np.int64)
         s = scores[cand]
-        top = cand[np.argsort(-s, kind="stable")[:k]]
+        order = np.argsort(-s, kind="stable")
+        cut = min(k, len(order))
+        if keep_ties:
+            while cut < len(order) and s[order[cut]] == s[order[cut - 1]]:
+                cut += 1
+        top = cand[order[:cut]]
         return scores[top], self._ids[top]

@@ -1,25 +1,31 @@
-"""Maintenance for ``TraceStore`` (mixed into it): stats, verify, rebuild, export/import.
+"""Maintenance for ``TraceStore`` (mixed into it): stats, verify, rebuild, compact.
 
 ``verify`` checks LMDB's internal consistency (every record decodes and belongs to a live
-session, membership and counts agree, vectors have the store's dims and are finite, ids are
-below ``next_id``) and that each index, once synced, holds exactly the LMDB ids of its space
-in the right sessions. It returns a :class:`VerifyReport`; it never changes anything.
+session, membership and counts agree, external ids, ``info`` rows and supersede links point at
+live traces of their namespace, vectors have the store's dims and are finite, ids are below
+``next_id``) and that each index, once synced, holds exactly the LMDB ids of its space in the
+right sessions. It returns a :class:`VerifyReport`; it never changes anything.
+
+``compact`` gives disk space back after deletes: the indexes are saved without dead rows
+(HNSW graphs holding deleted ids are rebuilt), the change log is trimmed, and the LMDB files
+are replaced by a compacted copy (LMDB itself never shrinks its file).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
+from . import changes as C
 from . import layout as L
-from .errors import InvalidInputError, StoreError
+from .codec import decode_header
+from .errors import StoreError
 from .index import IndexConfig
-from .records import Trace, decode_header
+from .transfer import TransferMixin
 
 
 @dataclass
@@ -33,14 +39,15 @@ class VerifyReport:
         return "\n".join([head] + [f"  - {p}" for p in self.problems[:50]])
 
 
-class MaintenanceMixin:
+class MaintenanceMixin(TransferMixin):
     def stats(self) -> dict[str, Any]:
         """Counts, dims, generation, config, on-disk sizes."""
         dbs = self._env.dbs
 
         def fn(txn):
             return {name: txn.stat(dbs[name])["entries"] for name in
-                    ("traces", "text_vec", "latent_vec", "sessions", "namespaces")}
+                    ("traces", "text_vec", "latent_vec", "sessions", "namespaces", "ext",
+                     "changes")}
         c = self._read(fn)
         size = 0
         for root, _, files in os.walk(self.path):
@@ -48,7 +55,8 @@ class MaintenanceMixin:
         info = self._env.env.info()
         return {"path": self.path, "traces": c["traces"], "namespaces": c["namespaces"],
                 "sessions": c["sessions"], "text_vectors": c["text_vec"],
-                "latent_vectors": c["latent_vec"], "text_dim": self.text_dim,
+                "latent_vectors": c["latent_vec"], "external_ids": c["ext"],
+                "change_log_entries": c["changes"], "text_dim": self.text_dim,
                 "latent_dim": self.latent_dim, "generation": self.generation,
                 "index": vars(self.index_config), "map_size": info["map_size"],
                 "disk_bytes": size}
@@ -96,6 +104,28 @@ class MaintenanceMixin:
                     problems.append(f"trace {i} not a member of its session {h['s']!r}")
             if n != len(members):
                 problems.append(f"{n} traces but {len(members)} memberships")
+            for k, v in txn.cursor(db=dbs["ext"]):
+                ns, ext = bytes(k).split(b"\x00", 1)
+                i = L.key_id(v)
+                raw = txn.get(v, db=dbs["traces"])
+                if raw is None:
+                    problems.append(f"external id {ext!r} of {ns.decode()} -> missing trace {i}")
+                elif (decode_header(raw)["x"] or "").encode() != ext:
+                    problems.append(f"external id {ext!r} -> trace {i} with another id")
+            n_info = 0
+            for k, v in txn.cursor(db=dbs["info"]):
+                n_info += 1
+                i = L.key_id(k)
+                if members.get(i) != L.decode_info(v)[2]:
+                    problems.append(f"info of trace {i} names the wrong session")
+            if n_info != n:
+                problems.append(f"{n} traces but {n_info} info rows")
+            for k, v in txn.cursor(db=dbs["superseded"]):
+                ns = bytes(k).split(b"\x00", 1)[0].decode()
+                target, by = L.key_id(bytes(k)[len(ns) + 1:]), L.key_id(v)
+                if members.get(target, ("",))[0] != ns or members.get(by, ("",))[0] != ns:
+                    problems.append(f"supersede link {by} -> {target} leaves {ns!r} or "
+                                    "points at a missing trace")
             for space in ("text", "latent"):
                 dim = None if dims[space] is None else L.u64(dims[space])
                 for k, v in txn.cursor(db=dbs[space + "_vec"]):
@@ -120,7 +150,7 @@ class MaintenanceMixin:
                 continue
             vdb = dbs[space + "_vec"]
             want = self._read(lambda txn, vdb=vdb: {L.key_id(k) for k, _ in txn.cursor(db=vdb)})
-            vecs, ids, keys = ix.all_rows()
+            _, ids, keys, _, _ = ix.all_rows()
             got = dict(zip(ids.tolist(), keys, strict=False))
             if len(got) != len(ids):
                 problems.append(f"{space} index has duplicate ids")
@@ -137,6 +167,10 @@ class MaintenanceMixin:
         """Rebuild the index of ``space`` (both when None) from LMDB; ``kind`` and other
         ``IndexConfig`` fields change the store's index configuration (writer only)."""
         self._check_writable()
+        with self._mu:
+            self._rebuild_index(space, kind, **index_params)
+
+    def _rebuild_index(self, space: str | None, kind: str | None, **index_params: Any) -> None:
         if kind is not None or index_params:
             cfg = dict(vars(self.index_config))
             cfg.update(index_params)
@@ -161,53 +195,22 @@ class MaintenanceMixin:
             ix.save(self._index_dir(sp), self._key_order())
             self._ix[sp] = ix
 
-    def export(self, out: str | os.PathLike | IO[str], namespace: str | None = None,
-               with_vectors: bool = True) -> int:
-        """Write traces as JSON lines (one ``Trace.to_json`` object a line); returns count."""
-        if namespace is not None:
-            self._session_map(namespace)  # UnknownNamespaceError
-        f = open(out, "w") if isinstance(out, (str, os.PathLike)) else out
-        n = 0
-        try:
-            for ns in [namespace] if namespace else self.namespaces():
-                for info in self.sessions(ns):
-                    for t in self.get(self._members(ns, info.session)):
-                        f.write(json.dumps(t.to_json(with_vectors)) + "\n")
-                        n += 1
-        finally:
-            if f is not out:
-                f.close()
-        return n
-
-    def _members(self, ns: str, session: str) -> list[int]:
-        db = self._db("members")
-
-        def fn(txn):
-            cur = txn.cursor(db=db)
-            if not cur.set_key(L.sess_key(ns, session)):
-                return []
-            return [L.key_id(v) for v in cur.iternext_dup(keys=False)]
-        return self._read(fn)
-
-    def import_(self, src: str | os.PathLike | IO[str] | Iterable[str],
-                keep_ids: bool = True, batch_size: int = 10_000) -> np.ndarray:
-        """Add traces from JSON lines written by :meth:`export`. The whole file is parsed
-        and validated before anything is written; returns the new ids."""
+    def compact(self) -> dict[str, int]:
+        """Reclaim the disk space of deleted traces (writer only; see the module docstring).
+        Returns bytes before and after (LMDB files plus indexes)."""
         self._check_writable()
-        f = open(src) if isinstance(src, (str, os.PathLike)) else src
-        traces = []
-        try:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
+        with self._mu:
+            before = self.stats()["disk_bytes"]
+            for space in ("text", "latent"):
+                ix = self._index(space)
+                if ix is None:
                     continue
-                try:
-                    t = Trace.from_json(json.loads(line))
-                except (ValueError, KeyError, TypeError) as e:
-                    raise InvalidInputError(f"line {lineno}: {e}") from None
-                if not keep_ids:
-                    t.id = None
-                traces.append(t)
-        finally:
-            if f is not src:
-                f.close()
-        return self.add(traces)
+                for ns in [ns for ns, a in ix.ann.items() if a.dead]:
+                    del ix.ann[ns]  # HNSW graphs cannot drop nodes: rebuilt by the save
+                ix.save(self._index_dir(space), self._key_order())
+            gen = self.generation
+            self._env.write(lambda txn: C.trim(txn, self._env.dbs, gen))
+            lmdb_before, lmdb_after = self._env.compact()
+            after = self.stats()["disk_bytes"]
+        return {"bytes_before": before, "bytes_after": after, "lmdb_bytes_before": lmdb_before,
+                "lmdb_bytes_after": lmdb_after}

@@ -2,7 +2,10 @@
 
 A :class:`Scope` names one namespace and optionally restricts it to a list of sessions or to
 the sessions written before a given one (sessions are ordered by their first write within the
-namespace). Every search takes a scope; nothing outside it is ever scored.
+namespace), to a time window (``since`` / ``until`` on ``time_field``: ``happened_at``, the
+default, or ``recorded_at``; both ends inclusive; traces without a ``happened_at`` never pass
+a ``happened_at`` window), and can hide traces that a later trace supersedes. Every search
+takes a scope; nothing outside it is ever scored.
 """
 
 from __future__ import annotations
@@ -10,7 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import InvalidInputError
 from .records import check_name
+from .timefmt import iso, parse_time
+
+TIME_FIELDS = ("happened_at", "recorded_at")
 
 
 @dataclass(frozen=True)
@@ -18,6 +25,10 @@ class Scope:
     namespace: str
     sessions: tuple[str, ...] | None = None
     before: str | None = None
+    since: Any = None
+    until: Any = None
+    time_field: str = "happened_at"
+    hide_superseded: bool = False
 
     def __post_init__(self):
         check_name("namespace", self.namespace)
@@ -30,7 +41,17 @@ class Scope:
         if self.before is not None:
             check_name("session", self.before)
             if self.sessions is not None:
-                raise ValueError("sessions and before: give at most one of them")
+                raise InvalidInputError("sessions and before: give at most one of them",
+                                        "before")
+        if self.time_field not in TIME_FIELDS:
+            raise InvalidInputError(f"time_field: must be one of {TIME_FIELDS}, got "
+                                    f"{self.time_field!r}", "time_field")
+        since, until = parse_time(self.since, "since"), parse_time(self.until, "until")
+        if since is not None and until is not None and since > until:
+            raise InvalidInputError(f"since: {iso(since)} is after until {iso(until)}", "since")
+        object.__setattr__(self, "since", since)
+        object.__setattr__(self, "until", until)
+        object.__setattr__(self, "hide_superseded", bool(self.hide_superseded))
 
     @classmethod
     def of(cls, scope: Scope | str | dict) -> Scope:
@@ -40,8 +61,16 @@ class Scope:
         if isinstance(scope, str):
             return cls(scope)
         if isinstance(scope, dict):
-            return cls(scope["namespace"], scope.get("sessions"), scope.get("before"))
+            unknown = set(scope) - set(cls.__dataclass_fields__)
+            if unknown:
+                raise InvalidInputError(f"scope: unknown fields {sorted(unknown)}", "scope")
+            return cls(**scope)
         raise TypeError(f"scope: expected Scope, str or dict, got {type(scope).__name__}")
+
+    @property
+    def filtered(self) -> bool:
+        """Whether anything beyond the sessions narrows the scope."""
+        return self.since is not None or self.until is not None or self.hide_superseded
 
 
 @dataclass
@@ -55,11 +84,16 @@ class Hit:
     step: int
     text: str
     meta: dict[str, Any] = field(default_factory=dict)
+    external_id: str | None = None
+    happened_at: float | None = None
+    recorded_at: float | None = None
+    version: int = 1
 
     def to_json(self) -> dict[str, Any]:
-        """The CLI's result object: trace_id, session, text, score."""
-        return {"trace_id": self.trace_id, "session": self.session, "text": self.text,
-                "score": self.score}
+        """The CLI's result object: trace_id, external_id, session, text, score, happened_at."""
+        return {"trace_id": self.trace_id, "external_id": self.external_id,
+                "session": self.session, "text": self.text, "score": self.score,
+                "happened_at": iso(self.happened_at)}
 
 
 @dataclass

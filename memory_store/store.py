@@ -7,9 +7,20 @@ Guarantees (see ``docs/store.md``):
   Indexes are caches saved atomically on ``flush``/``close``; when missing, stale or corrupt
   they are rebuilt from LMDB.
 * One writer per store (``writer.lock``, flock: released by the kernel when a process dies);
-  a second writer gets :class:`WriterLockedError` or waits (``wait_for_lock``). Readers
-  (``mode="r"``) need no lock and catch up with the writer's commits before each search.
+  a second writer gets :class:`WriterLockedError` or waits up to ``wait_for_lock`` seconds.
+  Any number of readers (``mode="r"``, in any processes) read while it writes: each search or
+  ``get`` runs on one LMDB snapshot (the last commit, never a torn state) and indexes catch up
+  with the writer's commits through the change log (``changes.py``) before each search.
+* Thread-safe: one ``TraceStore`` may be shared by threads (its operations are serialized);
+  threads that should read in parallel open a ``TraceStore`` each (they share one LMDB
+  environment).
 * The LMDB map grows by itself (see ``layout.py``).
+
+External ids (``Trace.external_id``) make writes idempotent: adding a trace whose external id
+its namespace holds replaces that trace (same internal id, ``version`` + 1). A session runner
+that passes ``Trace(ns, session, text, ..., external_id=f"{session}/{segment_index}",
+happened_at=when)`` can re-run a session and get the same store. ``resolve(ns, external_ids)``
+maps them to internal ids (for ``get`` / ``delete``).
 
 Writing lives in ``writes.py``, searching in ``search.py`` and maintenance (verify,
 export/import, rebuild) in ``maintenance.py``; all three are mixed into this class.
@@ -17,9 +28,11 @@ export/import, rebuild) in ``maintenance.py``; all three are mixed into this cla
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -28,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from . import layout as L
+from .codec import decode_header, decode_record
 from .documents import TextConfig
 from .embedder import EmbedderLike, default_embedder
 from .errors import (
@@ -39,7 +53,7 @@ from .errors import (
 )
 from .index import IndexConfig, SpaceIndex
 from .maintenance import MaintenanceMixin
-from .records import Trace, check_name, decode_record
+from .records import Trace, check_external_id, check_name
 from .scope import SessionInfo
 from .search import SearchMixin
 from .writes import WriteMixin
@@ -55,7 +69,7 @@ VEC_DB = {"text": "text_vec", "latent": "latent_vec"}
 
 
 class TraceStore(WriteMixin, SearchMixin, MaintenanceMixin):
-    """Open with :meth:`open` (a context manager). Not thread-safe: one instance per thread."""
+    """Open with :meth:`open` (a context manager); see the module docstring."""
 
     def __init__(self, path: str, env: L._Env, writable: bool, lock_fd: int | None,
                  embedder: EmbedderLike | None):
@@ -64,6 +78,9 @@ class TraceStore(WriteMixin, SearchMixin, MaintenanceMixin):
         self._ix: dict[str, SpaceIndex | None] = {"text": None, "latent": None}
         self._lex: dict[str, Any] = {}
         self._sess_cache: dict[str, tuple[int, dict[str, SessionInfo]]] = {}
+        self._hidden_cache: dict[str, tuple[int, Any]] = {}
+        self._mu = threading.RLock()
+        self._pinned = threading.local()
         self._closed = False
         cfg = self._read(lambda txn: L.meta_json(txn, self._db("meta"), b"config")) or {}
         self.index_config = _config(IndexConfig, cfg.get("index", {}))
@@ -82,11 +99,11 @@ class TraceStore(WriteMixin, SearchMixin, MaintenanceMixin):
         configuration of a new store; given for an existing store by the writer, a different
         ``index`` config is adopted and the indexes rebuilt. ``embedder`` defaults to MiniLM.
         ``wait_for_lock``: False (raise when another writer holds the lock), True (wait) or
-        seconds to wait."""
+        seconds to wait. A store of an older format is upgraded when opened with mode='w'."""
         if mode not in ("r", "w"):
             raise ValueError(f"mode: must be 'r' or 'w', got {mode!r}")
         path = os.fspath(path)
-        writable_dir = L.check_dir(path, create=create and mode == "w")
+        writable_dir, version = L.check_dir(path, create=create and mode == "w")
         if mode == "w" and not writable_dir:
             raise ReadOnlyError(f"{path}: the store directory is not writable; open it with "
                                 "mode='r'")
@@ -100,6 +117,8 @@ class TraceStore(WriteMixin, SearchMixin, MaintenanceMixin):
         store = cls(path, env, mode == "w", lock_fd, embedder)
         try:
             if mode == "w":
+                if version < L.FORMAT_VERSION:
+                    store._upgrade()
                 store._init_meta(latent_dim, index, text)
             elif latent_dim is not None and store.latent_dim not in (None, latent_dim):
                 raise InvalidInputError(f"latent_dim {latent_dim} != the store's "
@@ -108,6 +127,20 @@ class TraceStore(WriteMixin, SearchMixin, MaintenanceMixin):
             store.close()
             raise
         return store
+
+    def _upgrade(self) -> None:
+        """Format 1 -> 2: fill the ``info`` database from the records; the change log starts
+        at the current generation (older indexes are rebuilt)."""
+        dbs = self._env.dbs
+
+        def fn(txn):
+            for k, v in txn.cursor(db=dbs["traces"]):
+                h = decode_header(v)
+                txn.put(k, L.encode_info(h["c"] or 0.0, None, h["ns"], h["s"]), db=dbs["info"])
+            txn.put(b"log_floor", txn.get(b"generation", db=dbs["meta"]) or L.id_key(0),
+                    db=dbs["meta"])
+        self._env.write(fn)
+        L.mark_current(self.path)
 
     @staticmethod
     def _take_lock(path: str, wait: bool | float) -> int:
@@ -120,9 +153,11 @@ class TraceStore(WriteMixin, SearchMixin, MaintenanceMixin):
             except BlockingIOError:
                 if deadline is not None and time.monotonic() >= deadline:
                     os.close(fd)
+                    waited = "" if not wait else f" after waiting {float(wait):g} s"
                     raise WriterLockedError(
-                        f"{path}: another process holds the writer lock (open with "
-                        "mode='r' to read, or wait_for_lock=True to wait)") from None
+                        f"{path}: another process holds the writer lock{waited} (open with "
+                        "mode='r' to read, or wait for it: wait_for_lock=SECONDS, "
+                        "--wait SECONDS)") from None
                 time.sleep(0.05)
 
     def _init_meta(self, latent_dim, index, text) -> None:
@@ -177,10 +212,11 @@ class TraceStore(WriteMixin, SearchMixin, MaintenanceMixin):
     def flush(self) -> None:
         """Write the in-memory indexes to disk (atomically) if they are newer than saved."""
         self._check_writable()
-        for space in SPACES:
-            ix = self._ix[space]
-            if ix is not None and ix.generation != ix.saved_generation:
-                ix.save(self._index_dir(space), self._key_order())
+        with self._mu:
+            for space in SPACES:
+                ix = self._ix[space]
+                if ix is not None and ix.generation != ix.saved_generation:
+                    ix.save(self._index_dir(space), self._key_order())
 
     # ---- small helpers --------------------------------------------------------------
     def _db(self, name: str):
@@ -189,7 +225,26 @@ class TraceStore(WriteMixin, SearchMixin, MaintenanceMixin):
     def _read(self, fn):
         if getattr(self, "_closed", False):
             raise InvalidInputError("the store is closed")
-        return self._env.read(fn)
+        txn = getattr(self._pinned, "txn", None)
+        return fn(txn) if txn is not None else self._env.read(fn)
+
+    @contextlib.contextmanager
+    def snapshot(self):
+        """Run the reads inside on one LMDB snapshot (the commit current at entry); every
+        search and ``get`` uses one, so a concurrent writer never shows a torn state."""
+        if getattr(self._pinned, "txn", None) is not None:
+            yield
+            return
+        if self._closed:
+            raise InvalidInputError("the store is closed")
+        with self._mu:
+            txn = self._env.begin()
+            self._pinned.txn = txn
+            try:
+                yield
+            finally:
+                self._pinned.txn = None
+                txn.abort()
 
     def _check_writable(self) -> None:
         if self._closed:
@@ -271,8 +326,24 @@ class TraceStore(WriteMixin, SearchMixin, MaintenanceMixin):
         return order
 
     # ---- reading --------------------------------------------------------------------
+    def resolve(self, namespace: str, external_ids: Iterable[str]) -> np.ndarray:
+        """Internal ids of ``external_ids`` in ``namespace`` (in order); raises
+        :class:`UnknownTraceError` naming the unknown ones."""
+        check_name("namespace", namespace)
+        exts = [check_external_id(e) for e in external_ids]
+        db = self._db("ext")
+
+        def fn(txn):
+            return [txn.get(L.ext_key(namespace, e), db=db) for e in exts]
+        raw = self._read(fn)
+        missing = [e for e, r in zip(exts, raw, strict=True) if r is None]
+        if missing:
+            raise UnknownTraceError(f"unknown external id{'s' * (len(missing) > 1)} "
+                                    f"{', '.join(map(repr, missing[:5]))} in {namespace!r}")
+        return np.fromiter((L.key_id(r) for r in raw), np.int64, len(raw))
+
     def get(self, ids: Iterable[int]) -> list[Trace]:
-        """Traces by id, in the given order, with vectors and latent values."""
+        """Traces by internal id, in the given order, with vectors and latent values."""
         ids = [int(i) for i in ids]
         dbs = self._env.dbs
 

@@ -44,7 +44,8 @@ def test_ingest_and_query(ingested, capsys):
     assert set(ids[:2]) == {100, 101} and ids[2] == 102
     scores = [r["score"] for r in res["results"]]
     assert scores == sorted(scores, reverse=True)
-    assert set(res["results"][0]) == {"trace_id", "session", "text", "score"}
+    assert set(res["results"][0]) == {"trace_id", "external_id", "session", "text", "score",
+                                      "happened_at"}
     assert main(["query", "--store", str(ingested), "--namespace", "alice",
                  "--before-session", "tue", "bicycle"]) == 0
     out = capsys.readouterr().out
@@ -101,7 +102,7 @@ def test_list_show_stats_verify_export_delete(ingested, tmp_path, capsys):
     out_file = tmp_path / "exp.jsonl"
     assert main(["export", "--store", str(ingested), "--namespace", "alice", "--out",
                  str(out_file)]) == 0
-    assert len(out_file.read_text().splitlines()) == 3
+    assert len(out_file.read_text().splitlines()) == 1 + 3  # a header line, then traces
     assert main(["delete", "--store", str(ingested), "--namespace", "alice", "--session",
                  "mon"]) == 0
     assert "2 traces" in capsys.readouterr().out

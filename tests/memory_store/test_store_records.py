@@ -9,7 +9,8 @@ from memory_store import (
     TextError,
     Trace,
 )
-from memory_store.records import decode_header, decode_record, encode_record, validate
+from memory_store.codec import decode_header, decode_record, encode_record
+from memory_store.records import validate
 
 
 def _v(t, **kw):
@@ -21,12 +22,12 @@ def _v(t, **kw):
 def test_codec_roundtrip(dtype):
     lv = (np.arange(24).reshape(2, 3, 4) % 3).astype(dtype)
     t = _v(Trace("ns", "s1", "héllo ✓", step=3, latent_value=lv, meta={"x": [1, "y"]},
-                 created=1.5))
+                 recorded_at=1.5))
     t.id = 42
     back = decode_record(42, encode_record(t, [40, 41]))
     assert back.latent_value.dtype == lv.dtype and back.latent_value.shape == lv.shape
     np.testing.assert_array_equal(back.latent_value, lv)
-    assert (back.text, back.step, back.meta, back.created) == ("héllo ✓", 3, {"x": [1, "y"]},
+    assert (back.text, back.step, back.meta, back.recorded_at) == ("héllo ✓", 3, {"x": [1, "y"]},
                                                                 1.5)
     assert decode_header(encode_record(t, [40, 41]))["cx"] == [40, 41]
 
