@@ -1,7 +1,8 @@
 """Approximate (FAISS) indexes of one namespace: build, scoped search, removal.
 
-One ``faiss.IndexIDMap2`` per namespace (explicit 64-bit trace ids, never positions) over an
-``IndexIVFFlat`` (kind ``ivf``) or ``IndexHNSWFlat`` (kind ``hnsw``). A partial scope, a time
+One FAISS index per namespace, always on explicit 64-bit trace ids (never positions): an
+``IndexIVFFlat`` (kind ``ivf``; IVF lists store the ids themselves) or an ``IndexHNSWFlat``
+inside an ``IndexIDMap2`` (kind ``hnsw``). A partial scope, a time
 window or hidden (superseded) traces become an ID selector over the allowed ids, passed in the
 search parameters, so FAISS itself skips everything else (no over-fetch, no post-filter).
 
@@ -24,6 +25,7 @@ class NamespaceANN:
     index: faiss.Index
     kind: str  # "ivf" or "hnsw"
     dead: set[int] = field(default_factory=set)  # HNSW only: ids deleted since the build
+    keep: object = None  # the IVF quantizer, kept alive beside its index
 
 
 def metric_of(name: str) -> int:
@@ -42,13 +44,14 @@ def build(kind: str, dim: int, metric: str, x: np.ndarray, ids: np.ndarray, *, n
         rng = np.random.default_rng(0)
         sample = x if len(x) <= 64 * nlist else x[rng.choice(len(x), 64 * nlist, False)]
         inner.train(sample)
+        out = NamespaceANN(inner, kind, keep=quant)
     else:
         inner = faiss.IndexHNSWFlat(dim, hnsw_m, m)
         inner.hnsw.efConstruction = ef_construction
-    ann = faiss.IndexIDMap2(inner)  # faiss keeps a Python reference to ``inner``
+        out = NamespaceANN(faiss.IndexIDMap2(inner), kind)  # faiss keeps ``inner`` alive
     if len(x):
-        ann.add_with_ids(x, np.ascontiguousarray(ids, np.int64))
-    return NamespaceANN(ann, kind)
+        out.index.add_with_ids(x, np.ascontiguousarray(ids, np.int64))
+    return out
 
 
 def remove(ann: NamespaceANN, ids: np.ndarray) -> None:

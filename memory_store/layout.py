@@ -181,7 +181,7 @@ class _Env:
             tmp = self.lmdb_dir + ".compact"
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-            self.env.copy(tmp, compact=True)
+            _copy_compact(self.env, self.dbs, tmp, self.env.info()["map_size"])
             _fsync_dir_files(tmp)
             old = self.lmdb_dir + ".old"
             shutil.rmtree(old, ignore_errors=True)
@@ -197,6 +197,32 @@ class _Env:
     def close(self) -> None:
         for e in self.retired + [self.env]:
             e.close()
+
+
+def _copy_compact(env: lmdb.Environment, dbs: dict, dest: str, map_size: int,
+                  chunk: int = 100_000) -> None:
+    """Copy every database, entry by entry in key order, into a new environment at ``dest``
+    (no free pages). LMDB's own compacting copy (``mdb_env_copy2``) crashes on dupfixed
+    databases with large duplicate sets, so the copy is done here."""
+    out, out_dbs = _open_lmdb(dest, True, map_size)
+    try:
+        with env.begin(buffers=False) as src:
+            for name in DB_NAMES:
+                items = src.cursor(db=dbs[name]).iternext(keys=True, values=True)
+                while True:
+                    batch = [(bytes(k), bytes(v)) for k, v in _take(items, chunk)]
+                    if not batch:
+                        break
+                    with out.begin(write=True) as txn:
+                        txn.cursor(db=out_dbs[name]).putmulti(batch, append=True)
+        out.sync(True)
+    finally:
+        out.close()
+
+
+def _take(it, n: int):
+    for _, x in zip(range(n), it, strict=False):
+        yield x
 
 
 def _dir_bytes(path: str) -> int:

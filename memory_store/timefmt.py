@@ -5,21 +5,24 @@ by (``since``, ``until``) is a float of seconds since the Unix epoch (UTC), roun
 microseconds so that writing it as ISO 8601 and reading it back gives the same float (export
 and import keep times exactly).
 
-Accepted inputs: an ISO 8601 date or date-time string (``2023-05-08``,
-``2023-05-08T13:56``, ``2023-05-08 13:56:00Z``, ``2023-05-08T13:56:00+02:00``; a time
-without a zone is UTC), a ``datetime`` / ``date``, or a finite int/float of epoch seconds.
-Anything else raises :class:`TimeFormatError` naming the field.
+Accepted inputs: an ISO 8601 date or date-time string (``2023``, ``2023-05``,
+``2023-05-08``, ``2023-05-08T13:56``, ``2023-05-08 13:56:00Z``, ``2023-05-08T13:56:00+02:00``;
+a year or month means its first day; a time without a zone is UTC), a ``datetime`` /
+``date``, or a finite int/float of epoch seconds. Anything else raises
+:class:`TimeFormatError` naming the field.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from typing import Any
 
 from .errors import TimeFormatError
 
 EXAMPLE = "e.g. 2023-05-08, 2023-05-08T13:56:00Z or 2023-05-08T13:56:00+02:00"
+_YEAR_MONTH = re.compile(r"^(\d{4})(?:-(\d{2}))?$")
 
 
 def canonical(ts: float) -> float:
@@ -47,7 +50,9 @@ def parse_time(value: Any, field: str) -> float | None:
     if isinstance(value, str):
         text = value.strip()
         try:
-            when = dt.datetime.fromisoformat(text)
+            m = _YEAR_MONTH.match(text)
+            when = (dt.datetime(int(m.group(1)), int(m.group(2) or 1), 1) if m
+                    else dt.datetime.fromisoformat(text))
         except ValueError:
             raise TimeFormatError(f"{field}: {value!r} is not an ISO 8601 date or date-time "
                                   f"({EXAMPLE})", field) from None

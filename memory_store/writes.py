@@ -441,6 +441,22 @@ class WriteMixin:
                                             f"{namespace!r}", "namespace")
             return self._delete_ids(want)
 
+    def _unlink_superseders(self, txn, ns: str, target: int, doomed: set[int]) -> None:
+        """A deleted trace is superseded by nothing: its superseders' links are dropped."""
+        dbs = self._env.dbs
+        key = L.sess_key(ns, "") + L.id_key(target)
+        cur = txn.cursor(db=dbs["superseded"])
+        by = [L.key_id(v) for v in cur.iternext_dup(keys=False)] if cur.set_key(key) else []
+        txn.delete(key, db=dbs["superseded"])
+        for i in by:
+            if i in doomed:
+                continue
+            k = L.id_key(i)
+            h, lv = _decode(txn.get(k, db=dbs["traces"]), True)
+            t = trace_of(i, h, lv)
+            t.supersedes = None
+            txn.put(k, encode_record(t, h["cx"]), db=dbs["traces"])
+
     def delete_session(self, namespace: str, session: str) -> int:
         """Delete a session and its traces; returns how many traces were deleted."""
         self._check_writable()
@@ -467,6 +483,8 @@ class WriteMixin:
                 self._index(space)  # catch up first, so the removal below applies in place
         gen = self.generation
 
+        doomed = set(ids)
+
         def fn(txn):
             per_sess: dict[tuple[str, str], int] = {}
             touched = set()
@@ -481,7 +499,7 @@ class WriteMixin:
                     txn.delete(L.ext_key(ns, h["x"]), db=dbs["ext"])
                 if h["sup"] is not None:
                     txn.delete(L.sess_key(ns, "") + L.id_key(h["sup"]), k, db=dbs["superseded"])
-                txn.delete(L.sess_key(ns, "") + k, db=dbs["superseded"])
+                self._unlink_superseders(txn, ns, i, doomed)
                 per_sess[(ns, s)] = per_sess.get((ns, s), 0) - 1
                 touched.add(ns)
             self._update_sessions(txn, per_sess, gen + 1, time.time(), touched)

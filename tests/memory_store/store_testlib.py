@@ -64,3 +64,16 @@ def random_traces(rng, n, namespaces=("a", "b"), sessions=3, dim=8, with_text_ve
             text_embedding=rng.normal(size=32).astype(np.float32) if with_text_vec else None,
             meta={"j": j}))
     return out
+
+
+def abandon(store) -> None:
+    """Drop an open store the way a killed process does: LMDB keeps what was committed,
+    nothing is flushed (saved indexes stay as old as they were), the writer lock goes."""
+    import os
+
+    from memory_store import layout
+
+    store._closed = True
+    layout.release_env(store._env)
+    if store._lock_fd is not None:
+        os.close(store._lock_fd)

@@ -122,3 +122,106 @@ def test_python_dash_m_help():
     r = subprocess.run([sys.executable, "-m", "memory_store", "ingest", "--help"], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "line number" in r.stdout
+
+
+USER_LINES = [
+    {"namespace": "conv-44", "session": "D1", "external_id": "conv-44/D1:1",
+     "text": "I adopted a puppy named Biscuit", "happened_at": "2023-05-08T13:56:00"},
+    {"namespace": "conv-44", "session": "D1", "external_id": "conv-44/D1:2",
+     "text": "Biscuit loves the beach", "happened_at": "2023-05-08T14:00:00Z"},
+    {"namespace": "conv-44", "session": "D2", "external_id": "conv-44/D2:1",
+     "text": "We took Biscuit to the vet", "happened_at": "2023-06-20"},
+    {"namespace": "conv-44", "session": "D3", "external_id": "conv-44/D3:1",
+     "text": "Biscuit is actually a beagle, not a terrier", "happened_at": "2023-07-02",
+     "supersedes": "conv-44/D1:1"},
+]
+
+
+def _query(store, capsys, *extra):
+    assert main(["query", "--store", str(store), "--namespace", "conv-44", "--json",
+                 *extra, "Biscuit"]) == 0
+    return [r["external_id"] for r in json.loads(capsys.readouterr().out)["results"]]
+
+
+def test_user_ids_upserts_time_filters_delete_export_import(tmp_path, capsys):
+    """Acceptance, black box: string ids, idempotent re-ingest, happened_at filters,
+    delete by session, export -> import -> identical search results."""
+    src = tmp_path / "turns.jsonl"
+    src.write_text("\n".join(json.dumps(x) for x in USER_LINES) + "\n")
+    store = tmp_path / "store"
+    for _ in range(2):  # ingesting the same file twice leaves the same store
+        assert main(["ingest", "--store", str(store), str(src), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "ingested 4 traces" in out and "(0 new, 4 updated)" in out
+    assert main(["stats", "--store", str(store), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["traces"] == 4
+    assert main(["show", "--store", str(store), "--namespace", "conv-44", "conv-44/D1:2",
+                 "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["version"] == 2 and shown["happened_at"] == "2023-05-08T14:00:00+00:00"
+    assert set(_query(store, capsys)) == {x["external_id"] for x in USER_LINES}
+    assert set(_query(store, capsys, "--since", "2023-06-01")) == {"conv-44/D2:1",
+                                                                   "conv-44/D3:1"}
+    assert _query(store, capsys, "--until", "2023-05-08T13:59:00") == ["conv-44/D1:1"]
+    assert "conv-44/D1:1" not in _query(store, capsys, "--hide-superseded")
+    assert _query(store, capsys, "--newest-first", "--mode", "lexical")[0] in {
+        "conv-44/D3:1", "conv-44/D2:1", "conv-44/D1:2"}
+    assert main(["query", "--store", str(store), "--namespace", "conv-44", "--since",
+                 "May 2023", "x"]) == 2
+    assert "since" in capsys.readouterr().err
+    before = {q: _query(store, capsys, *q) for q in [(), ("--mode", "lexical"),
+                                                     ("--mode", "dense"), ("--since", "2023-06")]}
+    dump = tmp_path / "dump.jsonl"
+    assert main(["export", "--store", str(store), "--out", str(dump)]) == 0
+    assert (tmp_path / "dump.safetensors").exists()
+    copy = tmp_path / "copy"
+    assert main(["import", "--store", str(copy), str(dump)]) == 0
+    capsys.readouterr()
+    for q, want in before.items():
+        assert main(["query", "--store", str(copy), "--namespace", "conv-44", "--json", *q,
+                     "Biscuit"]) == 0
+        got = json.loads(capsys.readouterr().out)["results"]
+        assert [r["external_id"] for r in got] == want
+    assert main(["query", "--store", str(store), "--namespace", "conv-44", "--json",
+                 "Biscuit"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"] == [
+        r for r in json.loads(_json_query(copy, capsys))["results"]]
+    assert main(["delete", "--store", str(store), "--namespace", "conv-44", "--session",
+                 "D1"]) == 0
+    assert "2 traces" in capsys.readouterr().out
+    assert set(_query(store, capsys)) == {"conv-44/D2:1", "conv-44/D3:1"}
+    assert main(["delete", "--store", str(store), "--namespace", "conv-44",
+                 "conv-44/D2:1"]) == 0
+    assert main(["show", "--store", str(store), "--namespace", "conv-44",
+                 "conv-44/D2:1"]) == 2
+    assert "unknown external id" in capsys.readouterr().err
+    assert main(["compact", "--store", str(store)]) == 0
+    assert main(["verify", "--store", str(store)]) == 0
+
+
+def _json_query(store, capsys):
+    assert main(["query", "--store", str(store), "--namespace", "conv-44", "--json",
+                 "Biscuit"]) == 0
+    return capsys.readouterr().out
+
+
+def test_string_trace_id_gets_a_clear_error(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"namespace": "a", "session": "s", "text": "x",
+                               "trace_id": "conv-44/D1:1"}) + "\n")
+    assert main(["ingest", "--store", str(tmp_path / "s"), str(src), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "line 1" in err and "trace_id" in err and "external_id" in err
+
+
+def test_second_writer_waits_with_wait_seconds(tmp_path, capsys):
+    from memory_store import Trace
+    store = tmp_path / "s"
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(LINES[0]) + "\n")
+    with TraceStore.open(store, embedder=None) as holder:
+        holder.add([Trace("a", "s", "held", text_embedding=[1.0] * 384)])
+        assert main(["ingest", "--store", str(store), str(src), "--quiet", "--wait",
+                     "0.3"]) == 2
+        assert "after waiting 0.3 s" in capsys.readouterr().err
+    assert main(["ingest", "--store", str(store), str(src), "--quiet", "--wait", "5"]) == 0

@@ -20,6 +20,7 @@ from memory_store import (
     Scope,
     StoreError,
     TextError,
+    TimeFormatError,
     Trace,
     TraceStore,
     UnknownNamespaceError,
@@ -58,26 +59,38 @@ def good(**kw):
 
 
 BAD_TRACES = [
-    (dict(latent_key=np.ones(5)), DimensionError),
-    (dict(text_embedding=np.ones(7)), DimensionError),
-    (dict(latent_key=np.full(8, np.nan)), NonFiniteError),
-    (dict(latent_key=np.r_[np.ones(7), np.inf]), NonFiniteError),
-    (dict(text_embedding=np.full(32, np.nan)), NonFiniteError),
-    (dict(text=""), TextError),
-    (dict(text="x" * 20_000), TextError),
-    (dict(namespace="bad name"), InvalidNameError),
-    (dict(session=""), InvalidNameError),
-    (dict(id=1), InvalidInputError),  # id already taken
+    (dict(latent_key=np.ones(5)), DimensionError, "latent_key"),
+    (dict(text_embedding=np.ones(7)), DimensionError, "text_embedding"),
+    (dict(latent_key=np.full(8, np.nan)), NonFiniteError, "latent_key"),
+    (dict(latent_key=np.r_[np.ones(7), np.inf]), NonFiniteError, "latent_key"),
+    (dict(text_embedding=np.full(32, np.nan)), NonFiniteError, "text_embedding"),
+    (dict(latent_value=np.array([1.0, np.nan])), NonFiniteError, "latent_value"),
+    (dict(text=""), TextError, "text"),
+    (dict(text="x" * 20_000), TextError, "text"),
+    (dict(namespace="bad name"), InvalidNameError, "namespace"),
+    (dict(session=""), InvalidNameError, "session"),
+    (dict(id=1), InvalidInputError, "id"),  # id already taken
+    (dict(id="conv-44/D1:1"), InvalidInputError, "id"),
+    (dict(id=-3), InvalidInputError, "id"),
+    (dict(external_id=""), InvalidInputError, "external_id"),
+    (dict(external_id="é" * 200), InvalidInputError, "external_id"),
+    (dict(external_id=12), InvalidInputError, "external_id"),
+    (dict(happened_at="8 May 2023"), TimeFormatError, "happened_at"),
+    (dict(happened_at="2023-02-30"), TimeFormatError, "happened_at"),
+    (dict(supersedes=0), InvalidInputError, "supersedes"),
+    (dict(step="3"), InvalidInputError, "step"),
+    (dict(meta={"x": object()}), InvalidInputError, "meta"),
 ]
 
 
-@pytest.mark.parametrize("bad,err", BAD_TRACES)
-def test_bad_trace_in_batch_changes_nothing(filled, store_path, bad, err):
+@pytest.mark.parametrize("bad,err,field", BAD_TRACES)
+def test_bad_trace_in_batch_changes_nothing(filled, store_path, bad, err, field):
     before = fingerprint(store_path)
     export_before = [json.dumps(t.to_json()) for t in filled.get(range(1, 41))]
     with pytest.raises(err) as e:
         filled.add([good(), good(text="also fine"), good(**bad)])
     assert isinstance(e.value, StoreError) and str(e.value)
+    assert e.value.field == field and field in str(e.value) and "trace 2" in str(e.value)
     assert fingerprint(store_path) == before
     assert len(filled) == 40
     assert [json.dumps(t.to_json()) for t in filled.get(range(1, 41))] == export_before
@@ -102,6 +115,15 @@ def test_bad_trace_in_batch_changes_nothing(filled, store_path, bad, err):
     (lambda s: s.update_latent_keys([999], np.ones((1, 8))), UnknownTraceError),
     (lambda s: s.update_latent_keys([1], np.full((1, 8), np.inf)), NonFiniteError),
     (lambda s: s.export("/dev/null", namespace="nope"), UnknownNamespaceError),
+    (lambda s: s.delete([999]), UnknownTraceError),
+    (lambda s: s.delete(["no-such"], namespace="a"), UnknownTraceError),
+    (lambda s: s.resolve("nope", ["x"]), UnknownTraceError),
+    (lambda s: s.search("x", Scope("a", since="June")), TimeFormatError),
+    (lambda s: s.search("x", Scope("a", since="2024-02-01", until="2024-01-01")),
+     InvalidInputError),
+    (lambda s: s.search("x", Scope("a", time_field="when")), InvalidInputError),
+    (lambda s: s.update_latents([1], np.ones((1, 8)), meta={"x": float("nan")}),
+     InvalidInputError),
 ])
 def test_bad_calls_raise_typed_errors_and_change_nothing(filled, store_path, call, err):
     before = fingerprint(store_path)
