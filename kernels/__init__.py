@@ -4,13 +4,17 @@
 experts), not DeepSeek's Manifold-Constrained Hyper-Connections.
 
 Every op lives in four layers (as in Liger-Kernel): a private ``@triton.jit`` kernel, its
-launcher, an autograd wrapper, and the public function in ``kernels.routing.ops``. The torch
-reference in ``kernels.routing.reference`` has the same signatures and is the ground truth
-for tests and benchmarks.
+launcher, a ``torch.library`` custom op with a fake implementation and registered autograd
+(``kernels.routing.triton_ops``, namespace ``mhc``: ``torch.compile(fullgraph=True)`` traces
+through it), and the public function in ``kernels.routing.ops``. The torch reference in
+``kernels.routing.reference`` has the same signatures and is the ground truth for tests and
+benchmarks. The expert matmul (``kernels.routing.grouped``, ``mhc::grouped_mm``) is one op
+for both implementations: ``torch._grouped_mm`` on CUDA bf16, the reference loop elsewhere.
+No op synchronizes with the host on CUDA, so a training step can be captured in a CUDA graph.
 
-One switch picks the implementation, read once per process: ``MHC_KERNELS=auto|triton|torch``
-(``auto``: Triton when a CUDA GPU and triton are present, else torch). ``set_backend`` changes
-it at run time (tests, benchmarks).
+One switch picks the routing implementation, read once per process:
+``MHC_KERNELS=auto|triton|torch`` (``auto``: Triton when a CUDA GPU and triton are present,
+else torch). ``set_backend`` changes it at run time (tests, benchmarks).
 
 Shape legend used by all routing code (tensor names end in their shape):
     T  tokens (batch × sequence, flattened)

@@ -1,8 +1,11 @@
 """Public routing ops: the one seam where the model reaches the routing implementation.
 
-Each function dispatches on ``kernels.backend()`` (``MHC_KERNELS=auto|triton|torch``) to the
-Triton implementation or to the torch reference with the same signature. Shape legend: see
-``kernels/__init__.py``.
+The routing ops (``route``, ``gate``, ``permute``, ``combine``, ``expert_counts``) dispatch on
+``kernels.backend()`` (``MHC_KERNELS=auto|triton|torch``) to the Triton custom ops
+(``triton_ops``) or to the torch reference with the same signature. ``grouped_mm`` is one op
+for both backends (``kernels.routing.grouped``): ``torch._grouped_mm`` on CUDA bf16, the
+reference loop elsewhere. Every path here is free of host syncs on CUDA and traceable by
+``torch.compile(fullgraph=True)``. Shape legend: see ``kernels/__init__.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ import torch
 
 import kernels
 from kernels.routing import reference
+from kernels.routing.grouped import grouped_mm
 from kernels.routing.reference import GateSpec
+
+__all__ = ["route", "gate", "permute", "combine", "grouped_mm", "expert_counts"]
 
 
 def _impl(tensor: torch.Tensor):
@@ -57,11 +63,6 @@ def combine(y_ND: torch.Tensor, order_N: torch.Tensor, weights_TK: torch.Tensor)
     return _impl(y_ND).combine(y_ND, order_N, weights_TK)
 
 
-def grouped_mm(x_ND: torch.Tensor, w_GAB: torch.Tensor, counts_G: torch.Tensor) -> torch.Tensor:
-    """Segment-wise matmul of consecutive row blocks with per-group weights -> ``y_NB``."""
-    return _impl(x_ND).grouped_mm(x_ND, w_GAB, counts_G)
-
-
 def expert_counts(ids_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Tokens routed to each expert -> int64 ``counts_E`` (no host sync on the Triton path)."""
+    """Tokens routed to each expert -> int64 ``counts_E`` (no host sync)."""
     return _impl(ids_TK).expert_counts(ids_TK, n_experts)

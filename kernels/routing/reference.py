@@ -162,8 +162,11 @@ def route(
 
 
 def expert_counts(ids_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Tokens routed to each expert: int64 ``counts_E``."""
-    return torch.bincount(ids_TK.reshape(-1), minlength=n_experts)
+    """Tokens routed to each expert: int64 ``counts_E``. (A scatter-add, not ``bincount``:
+    bincount's output size depends on the data, a host sync on CUDA and a graph break.)"""
+    ids = ids_TK.reshape(-1)
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=ids.device)
+    return counts.scatter_add_(0, ids, torch.ones_like(ids))
 
 
 def permute(
@@ -193,7 +196,8 @@ def combine(y_ND: torch.Tensor, order_N: torch.Tensor, weights_TK: torch.Tensor)
 
 def grouped_mm(x_ND: torch.Tensor, w_GAB: torch.Tensor, counts_G: torch.Tensor) -> torch.Tensor:
     """Segment-wise matmul: rows of segment g (``counts_G[g]`` consecutive rows) times
-    ``w_GAB[g]``. Returns ``y_NB``. A plain loop: the CPU path and the reference."""
+    ``w_GAB[g]``. Returns ``y_NB``. A plain loop (one host sync for the counts): the ground
+    truth, and the CPU path of ``kernels.routing.grouped``."""
     pieces = []
     start = 0
     for g, n in enumerate(counts_G.tolist()):

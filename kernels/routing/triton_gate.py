@@ -16,10 +16,10 @@ probabilities (+ bias, selection only) of logits rounded to the logits' dtype, a
 reference. Balancing counts come from ``triton_permute.expert_counts`` / ``permute`` (no host
 sync).
 
-Four layers: ``_gate_fwd_kernel`` / ``_gate_bwd_kernel`` (@triton.jit; the fused route kernel is
-in ``triton_route``), ``gate_fwd`` / ``gate_bwd`` (launchers), ``GateFn`` / ``RouteFn``
-(torch.autograd.Function; ``RouteFn`` also takes the gradient of ``logits_TR`` for the aux and
-z losses), and ``gate`` / ``route`` (public, same signatures as the reference).
+Layers: ``_gate_fwd_kernel`` / ``_gate_bwd_kernel`` (@triton.jit; the fused route kernel is in
+``triton_route``) and their launchers ``gate_fwd`` / ``gate_bwd`` here; the custom ops with
+autograd (``mhc::gate``, ``mhc::route``; the route's backward also takes the gradient of
+``logits_TR`` for the aux and z losses) and the public ``gate`` / ``route`` in ``triton_ops``.
 
 ``route`` on CUDA defaults to the projection through cuBLAS + the gate kernel (two launches);
 ``route(..., fused=True)`` (or ``MHC_ROUTE_FUSED=1``) uses the one-kernel projection + selection
@@ -39,7 +39,7 @@ import triton.language as tl
 from kernels.routing.reference import GateSpec
 
 _KIND_ID = {"flat": 0, "group_limited": 1, "two_level": 2}
-_FUSED_DEFAULT = os.environ.get("MHC_ROUTE_FUSED", "0") == "1"
+FUSED_DEFAULT = os.environ.get("MHC_ROUTE_FUSED", "0") == "1"
 _BIG = 1 << 30
 
 
@@ -350,7 +350,9 @@ def _gate_block_t(spec: GateSpec) -> int:
     return max(1, min(64, 2048 // ew))
 
 
-def _check(spec: GateSpec, R: int, bias_R, forced_groups_TK1, T: int):
+def check_inputs(spec: GateSpec, R: int, bias_R, forced_groups_TK1, T: int):
+    """ValueError for logits of the wrong width, forced groups of the wrong shape or
+    kind, or a bias of the wrong size."""
     if R != spec.n_router_outputs:
         raise ValueError(f"logits have {R} columns, spec needs {spec.n_router_outputs}")
     if forced_groups_TK1 is not None:
@@ -368,7 +370,7 @@ def gate_fwd(logits_TR, spec: GateSpec, bias_R=None, forced_groups_TK1=None, blo
              num_warps=1):
     """Launch the gate kernel: ``(weights_TK in logits' dtype, ids_TK int64)``."""
     T, R = logits_TR.shape
-    _check(spec, R, bias_R, forced_groups_TK1, T)
+    check_inputs(spec, R, bias_R, forced_groups_TK1, T)
     K = spec.top_k
     w_TK = torch.empty(T, K, dtype=logits_TR.dtype, device=logits_TR.device)
     ids_TK = torch.empty(T, K, dtype=torch.int64, device=logits_TR.device)
@@ -402,85 +404,3 @@ def gate_bwd(logits_TR, ids_TK, dweights_TK, spec: GateSpec, dlogits_ext_TR=None
         HAS_EXT=dlogits_ext_TR is not None, BT=bt, num_warps=num_warps,
     )
     return dl
-
-
-# ----------------------------------------------------------------------------- autograd
-
-
-class GateFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits_TR, spec, bias_R, forced_groups_TK1):
-        w_TK, ids_TK = gate_fwd(logits_TR, spec, bias_R, forced_groups_TK1)
-        ctx.spec = spec
-        ctx.save_for_backward(logits_TR, ids_TK)
-        ctx.mark_non_differentiable(ids_TK)
-        return w_TK, ids_TK
-
-    @staticmethod
-    def backward(ctx, dw_TK, _dids):
-        logits_TR, ids_TK = ctx.saved_tensors
-        if dw_TK is None:
-            return None, None, None, None
-        dl = gate_bwd(logits_TR, ids_TK, dw_TK, ctx.spec, out_dtype=logits_TR.dtype)
-        return dl, None, None, None
-
-
-class RouteFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_TD, w_DR, spec, bias_R, forced_groups_TK1, fused):
-        if fused:
-            from kernels.routing.triton_route import fused_route_fwd  # imports this module
-
-            w_TK, ids_TK, logits_TR = fused_route_fwd(x_TD, w_DR, spec, bias_R,
-                                                      forced_groups_TK1)
-        else:
-            logits_TR = x_TD @ w_DR.to(x_TD.dtype)
-            w_TK, ids_TK = gate_fwd(logits_TR, spec, bias_R, forced_groups_TK1)
-        ctx.spec = spec
-        ctx.w_dtype = w_DR.dtype
-        ctx.save_for_backward(x_TD, w_DR, logits_TR, ids_TK)
-        ctx.mark_non_differentiable(ids_TK)
-        return w_TK, ids_TK, logits_TR
-
-    @staticmethod
-    def backward(ctx, dw_TK, _dids, dlogits_TR):
-        x_TD, w_DR, logits_TR, ids_TK = ctx.saved_tensors
-        if dw_TK is None:
-            dl = dlogits_TR
-            if dl is None:
-                return None, None, None, None, None, None
-        else:
-            dl = gate_bwd(logits_TR, ids_TK, dw_TK, ctx.spec, dlogits_TR,
-                          out_dtype=logits_TR.dtype)
-        dl = dl.to(x_TD.dtype)
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = dl @ w_DR.to(x_TD.dtype).t()
-        if ctx.needs_input_grad[1]:
-            dw = (x_TD.t() @ dl).to(ctx.w_dtype)
-        return dx, dw, None, None, None, None
-
-
-# ----------------------------------------------------------------------------- public
-
-
-def gate(logits_TR, spec: GateSpec, bias_R=None, forced_groups_TK1=None):
-    """Same signature and semantics as ``reference.gate``: ``(weights_TK, ids_TK)``."""
-    return GateFn.apply(logits_TR, spec, bias_R, forced_groups_TK1)
-
-
-def route(x_TD, w_DR, spec: GateSpec, bias_R=None, forced_groups_TK1=None, fused=None):
-    """Same as ``reference.route`` (``logits_TR`` in x's dtype).
-
-    ``fused=True``: one kernel (``triton_route.fused_route_fwd``: projection + selection, x
-    read once) where ``fused_route_supported`` holds, else the unfused pair.
-    ``fused=False``: the projection through cuBLAS, then the gate kernel. Default:
-    ``MHC_ROUTE_FUSED`` (``0``), because on the H100 the unfused pair measured faster at
-    E=256 and equal at E=64 (docs/benchmarks.md); on CPU (interpreter) the fused kernel.
-    """
-    from kernels.routing.triton_route import fused_route_supported
-
-    if fused is None:
-        fused = _FUSED_DEFAULT or not x_TD.is_cuda
-    fused = fused and fused_route_supported(x_TD, spec)
-    return RouteFn.apply(x_TD, w_DR, spec, bias_R, forced_groups_TK1, bool(fused))

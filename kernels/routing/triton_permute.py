@@ -15,9 +15,9 @@ k order in fp32 (no scatter-add), so it is deterministic too.
 Kernels: ``_hist_rank_kernel``, ``_col_scan_kernel``, ``_pos_kernel`` (the sort),
 ``_scatter_rows_kernel`` (gather into expert order: reads each token row once, writes its K
 copies), ``_gather_sum_kernel`` (weighted combine / backward of the gather),
-``_combine_bwd_kernel``; launchers ``sort_slots`` / ``scatter_rows`` / ``gather_sum`` /
-``combine_bwd``; autograd ``PermuteFn`` / ``CombineFn``; public ``permute`` / ``combine`` /
-``expert_counts`` (same signatures as the reference).
+``_combine_bwd_kernel``, ``_invert_kernel``; launchers ``sort_slots`` / ``scatter_rows`` /
+``gather_sum`` / ``combine_bwd`` / ``invert``. The custom ops with autograd (``mhc::permute``,
+``mhc::combine``, ``mhc::expert_counts``) and the public functions are in ``triton_ops``.
 """
 
 from __future__ import annotations
@@ -223,60 +223,3 @@ def combine_bwd(dout_TD, y_ND, inv_N, w_TK):
     elif T:
         dw.zero_()
     return dy, dw
-
-
-# ----------------------------------------------------------------------------- autograd
-
-
-class PermuteFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_TD, ids_TK, n_experts):
-        T, K = ids_TK.shape
-        order, inv, counts = sort_slots(ids_TK, n_experts)
-        x_ND = scatter_rows(x_TD, inv, K)
-        ctx.save_for_backward(inv)
-        ctx.TK = (T, K)
-        ctx.mark_non_differentiable(order, counts)
-        return x_ND, order, counts
-
-    @staticmethod
-    def backward(ctx, dx_ND, _do, _dc):
-        (inv,) = ctx.saved_tensors
-        T, K = ctx.TK
-        if dx_ND is None:
-            return None, None, None
-        return gather_sum(dx_ND, inv, None, T, K), None, None
-
-
-class CombineFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y_ND, order_N, weights_TK):
-        T, K = weights_TK.shape
-        inv = invert(order_N)
-        ctx.save_for_backward(y_ND, inv, weights_TK)
-        return gather_sum(y_ND, inv, weights_TK, T, K)
-
-    @staticmethod
-    def backward(ctx, dout_TD):
-        y_ND, inv, w_TK = ctx.saved_tensors
-        dy, dw = combine_bwd(dout_TD.to(y_ND.dtype), y_ND, inv, w_TK)
-        return (dy if ctx.needs_input_grad[0] else None, None,
-                dw if ctx.needs_input_grad[2] else None)
-
-
-# ----------------------------------------------------------------------------- public
-
-
-def permute(x_TD: torch.Tensor, ids_TK: torch.Tensor, n_experts: int):
-    """Same as ``reference.permute``: ``(x_ND, order_N, counts_E)``."""
-    return PermuteFn.apply(x_TD, ids_TK, n_experts)
-
-
-def combine(y_ND: torch.Tensor, order_N: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """Same as ``reference.combine``: weighted sum of each token's K expert outputs."""
-    return CombineFn.apply(y_ND, order_N, weights_TK)
-
-
-def expert_counts(ids_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Tokens routed to each expert (int64 ``counts_E``), without a host sync."""
-    return sort_slots(ids_TK, n_experts)[2]

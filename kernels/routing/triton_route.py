@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from kernels.routing.reference import GateSpec
-from kernels.routing.triton_gate import _check, _gate_block_t, _gate_rows, _meta
+from kernels.routing.triton_gate import _gate_block_t, _gate_rows, _meta, check_inputs
 
 _LAST: dict = {}  # the last compiled launch (benchmarks inspect its PTX for wgmma)
 
@@ -114,7 +114,7 @@ def _outputs(x_TD, w_DR, spec: GateSpec, bias_R, forced_groups_TK1):
     R = w_DR.shape[1]
     if w_DR.shape[0] != D:
         raise ValueError(f"w_DR has {w_DR.shape[0]} rows, x_TD has D={D}")
-    _check(spec, R, bias_R, forced_groups_TK1, T)
+    check_inputs(spec, R, bias_R, forced_groups_TK1, T)
     dev, dt = x_TD.device, x_TD.dtype
     return (torch.empty(T, R, dtype=dt, device=dev),
             torch.empty(T, spec.top_k, dtype=dt, device=dev),

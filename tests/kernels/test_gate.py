@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kernels.routing import reference as ref
-from kernels.routing import triton_gate as tg
+from kernels.routing import triton_ops as tg
 from kernels.routing.reference import GateSpec
 
 SPECS = [

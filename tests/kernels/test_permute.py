@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kernels
+from kernels.routing import grouped as tgm
 from kernels.routing import ops
 from kernels.routing import reference as ref
-from kernels.routing import triton_grouped as tgm
-from kernels.routing import triton_permute as tp
+from kernels.routing import triton_ops as tp
 from kernels.routing.reference import GateSpec
 
 
@@ -137,19 +137,26 @@ def test_gpu_permute_combine_large(T, K, E, D):
 
 
 @pytest.mark.gpu
-def test_gpu_grouped_mm_fast_path():
+@pytest.mark.parametrize("A,B", [(256, 128), (20, 12), (8, 4)])  # odd widths are zero-padded
+def test_gpu_grouped_mm_fast_path(A, B):
     g = torch.Generator().manual_seed(9)
     counts = torch.tensor([700, 0, 1, 1323, 16, 5], device="cuda")
     N = int(counts.sum())
-    x = torch.randn(N, 256, generator=g).bfloat16().cuda()
-    w = (torch.randn(6, 256, 128, generator=g) / 16).bfloat16().cuda()
+    x = torch.randn(N, A, generator=g).bfloat16().cuda()
+    w = (torch.randn(6, A, B, generator=g) / A**0.5).bfloat16().cuda()
     assert tgm.fast_path_ok(x, w)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     wa, wb = w.clone().requires_grad_(), w.clone().requires_grad_()
+    before = dict(tgm.CALLS)
     ya, yb = tgm.grouped_mm(xa, wa, counts), ref.grouped_mm(xb, wb, counts)
+    assert ya.shape == (N, B) and ya.is_contiguous()
     assert_close(ya, yb, table=GRAD_TOL)
     dy = torch.randn_like(ya)
     (ya * dy).sum().backward()
     (yb * dy).sum().backward()
     assert_close(xa.grad, xb.grad, table=GRAD_TOL)
     torch.testing.assert_close(wa.grad.float(), wb.grad.float(), rtol=5e-2, atol=0.1)
+    assert wa.grad[1].abs().max() == 0  # the empty group
+    assert tgm.CALLS["fast"] == before.get("fast", 0) + 1
+    assert tgm.CALLS["fast_backward"] == before.get("fast_backward", 0) + 1
+    assert tgm.CALLS["loop"] == before.get("loop", 0)
