@@ -10,6 +10,11 @@ sharing:
   base     gate/up shared by component c across the G domains, down per expert
   lowrank  base gate/up + a per-expert rank-r delta (x·A_e·B_e) on each, down per expert
 
+Every matmul goes through ``ops.grouped_mm`` (``torch._grouped_mm`` on CUDA bf16) in the
+dtype of the rows it receives: the FFN casts its input to the autocast dtype, and the fp32
+master weights are used through bf16 copies made once per optimizer step
+(``mhc.compute_copies``).
+
 Shape legend: N routed rows (expert-sorted), D model dim, F expert hidden, P = E slots, C
 components, r low rank.
 """
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.routing import ops
+from mhc.compute_copies import compute_weight
 from mhc.config import FFNConfig
 
 
@@ -48,25 +54,28 @@ class Experts(nn.Module):
             self.b_gate_PrF = nn.Parameter(torch.zeros(E, r, Fh))
             self.a_up_PDr = nn.Parameter(torch.randn(E, D, r) / math.sqrt(D))
             self.b_up_PrF = nn.Parameter(torch.zeros(E, r, Fh))
+        self._compute_copies: dict = {}  # name -> (stamp, copy): see mhc.compute_copies
+
+    def _w(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        return compute_weight(self._compute_copies, name, getattr(self, name), dtype)
 
     def forward(self, x_ND: torch.Tensor, counts_P: torch.Tensor) -> torch.Tensor:
-        """Rows sorted by slot with ``counts_P`` rows per slot → outputs in the same order."""
+        """Rows sorted by slot with ``counts_P`` rows per slot → outputs in the same order
+        and dtype."""
         cfg = self.cfg
         if cfg.sharing == "none":
             counts_in = counts_P
         else:
             counts_in = counts_P.view(cfg.n_components, cfg.n_domains).sum(1)
         dt = x_ND.dtype
-        gate = ops.grouped_mm(x_ND, self.w_gate_PDF.to(dt), counts_in)
-        up = ops.grouped_mm(x_ND, self.w_up_PDF.to(dt), counts_in)
+        gate = ops.grouped_mm(x_ND, self._w("w_gate_PDF", dt), counts_in)
+        up = ops.grouped_mm(x_ND, self._w("w_up_PDF", dt), counts_in)
         if cfg.sharing == "lowrank":
-            gate = gate + ops.grouped_mm(
-                ops.grouped_mm(x_ND, self.a_gate_PDr.to(dt), counts_P), self.b_gate_PrF.to(dt),
-                counts_P)
-            up = up + ops.grouped_mm(
-                ops.grouped_mm(x_ND, self.a_up_PDr.to(dt), counts_P), self.b_up_PrF.to(dt),
-                counts_P)
-        return ops.grouped_mm(F.silu(gate) * up, self.w_down_PFD.to(dt), counts_P)
+            gate = gate + ops.grouped_mm(ops.grouped_mm(x_ND, self._w("a_gate_PDr", dt), counts_P),
+                                         self._w("b_gate_PrF", dt), counts_P)
+            up = up + ops.grouped_mm(ops.grouped_mm(x_ND, self._w("a_up_PDr", dt), counts_P),
+                                     self._w("b_up_PrF", dt), counts_P)
+        return ops.grouped_mm(F.silu(gate) * up, self._w("w_down_PFD", dt), counts_P)
 
 
 class DenseFFN(nn.Module):

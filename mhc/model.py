@@ -128,13 +128,13 @@ class MHCModel(nn.Module):
                 target = domain_targets[:, None, :].expand_as(logp)
                 loss = loss + f.domain_distill_coef * -(target * logp).sum(-1).mean()
             else:
-                # labels outside [0, G) (more data domains than router domains) count as unknown
-                known = (domain_targets >= 0) & (domain_targets < f.n_domains)
-                if known.any():
-                    lp = logp[known]
-                    tgt = domain_targets[known][:, None].expand(lp.shape[:2])
-                    ce = F.nll_loss(lp.reshape(-1, lp.shape[-1]), tgt.reshape(-1))
-                    loss = loss + f.domain_label_coef * ce
+                # labels outside [0, G) (more data domains than router domains) count as
+                # unknown; masked, not indexed, so the step needs no host sync
+                known = ((domain_targets >= 0) & (domain_targets < f.n_domains)).to(logp.dtype)
+                tgt = domain_targets.clamp(0, f.n_domains - 1)[:, None, None]
+                nll = -logp.gather(-1, tgt.expand(*logp.shape[:2], 1))[..., 0]  # (B, n_seg)
+                ce = (nll * known[:, None]).sum() / (known.sum() * nll.shape[1]).clamp_min(1)
+                loss = loss + f.domain_label_coef * ce
         return loss
 
     @torch.no_grad()

@@ -1,8 +1,15 @@
 """The mHC FFN layer: route → permute → experts → weighted combine (or the dense baseline).
 
 Every step goes through ``kernels.routing.ops`` so ``MHC_KERNELS`` switches the whole layer
-between the Triton kernels and the torch reference. Shape legend: B batch, S sequence, T = B·S
-tokens, D model dim, G domains, K picks, K1 level-1 picks, N = T·K routed rows, E experts.
+between the Triton kernels and the torch reference. The layer computes in the autocast dtype
+when autocast is on (the residual stream stays fp32): its input is cast once here, so the
+routing ops and every expert matmul see bf16 rows and take the fast kernels; its output is
+added back to the fp32 stream by the block. Nothing here synchronizes with the host: the
+expert counts come from the permutation (on the device) and feed the balance loss and the
+statistics, which are read only when ``mhc.stats`` is called.
+
+Shape legend: B batch, S sequence, T = B·S tokens, D model dim, G domains, C components, K
+picks, K1 level-1 picks, N = T·K routed rows, E experts, P = E expert slots.
 """
 
 from __future__ import annotations
@@ -20,13 +27,22 @@ from mhc.router import Router
 
 @dataclass
 class FFNAux:
-    """What one FFN layer reports: losses (differentiable) and load statistics (detached)."""
+    """What one FFN layer reports: losses (differentiable) and load statistics (detached,
+    on the device)."""
 
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
     counts_E: torch.Tensor | None = None
     domain_counts_G: torch.Tensor | None = None
     domain_ids_TK1: torch.Tensor | None = None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the FFN computes in: autocast's for x's device when autocast is on, else
+    x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class MHCFFN(nn.Module):
@@ -47,18 +63,20 @@ class MHCFFN(nn.Module):
         forced_groups_BSK1: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, FFNAux]:
         cfg = self.cfg
+        x_BSD = x_BSD.to(compute_dtype(x_BSD))
         if not cfg.is_moe:
             zero = x_BSD.new_zeros((), dtype=torch.float32)
             return self.dense(x_BSD), FFNAux(zero, zero)
         B, S, D = x_BSD.shape
+        G, C, E = cfg.n_domains, cfg.n_components, cfg.n_experts
         x_TD = x_BSD.reshape(B * S, D)
         dom_TG = None if domain_logits_BSG is None else domain_logits_BSG.reshape(B * S, -1)
         forced = None if forced_groups_BSK1 is None else forced_groups_BSK1.reshape(B * S, -1)
-        r = self.router(x_TD, dom_TG, forced)
-        slots_TK = expert_to_slot(r.ids_TK, cfg.n_domains, cfg.n_components)
-        x_ND, order_N, counts_P = ops.permute(x_TD, slots_TK, cfg.n_experts)
-        y_ND = self.experts(x_ND, counts_P)
-        y_TD = ops.combine(y_ND, order_N, r.weights_TK)
-        domain_ids = (r.ids_TK[:, :: cfg.k2] // cfg.n_components) if cfg.two_level else None
-        return y_TD.view(B, S, D), FFNAux(
-            r.aux_loss, r.z_loss, r.counts_E.detach(), r.domain_counts_G.detach(), domain_ids)
+        weights_TK, ids_TK, logits_TR = self.router(x_TD, dom_TG, forced)
+        x_ND, order_N, counts_P = ops.permute(x_TD, expert_to_slot(ids_TK, G, C), E)
+        counts_E = counts_P.detach().view(C, G).t().reshape(E)  # slot c·G+g -> expert g·C+c
+        domain_counts_G = counts_E.view(G, C).sum(1)
+        aux, z = self.router.losses(logits_TR, counts_E, domain_counts_G)
+        y_TD = ops.combine(self.experts(x_ND, counts_P), order_N, weights_TK)
+        domain_ids = ids_TK[:, :: cfg.k2] // C if cfg.two_level else None
+        return y_TD.view(B, S, D), FFNAux(aux, z, counts_E, domain_counts_G, domain_ids)

@@ -17,29 +17,17 @@ nudged after every step towards equal load.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from kernels.routing import ops
 from kernels.routing.reference import GateSpec
 from mhc.config import FFNConfig
 
 _GATE_KIND = {"flat_moe": "flat", "group_limited": "group_limited",
               "hierarchical": "two_level", "progressive": "two_level"}
-
-
-@dataclass
-class RouterOutput:
-    weights_TK: torch.Tensor
-    ids_TK: torch.Tensor
-    logits_TR: torch.Tensor
-    aux_loss: torch.Tensor
-    z_loss: torch.Tensor
-    counts_E: torch.Tensor
-    domain_counts_G: torch.Tensor
 
 
 def gate_spec(cfg: FFNConfig) -> GateSpec:
@@ -49,6 +37,7 @@ def gate_spec(cfg: FFNConfig) -> GateSpec:
 class Router(nn.Module):
     def __init__(self, d_model: int, cfg: FFNConfig, init_std: float = 0.02):
         super().__init__()
+        kernels.backend()  # resolve MHC_KERNELS now, eagerly, not inside a compiled region
         self.cfg = cfg
         self.spec = gate_spec(cfg)
         n_proj = cfg.n_experts if cfg.kind == "progressive" else self.spec.n_router_outputs
@@ -60,7 +49,8 @@ class Router(nn.Module):
         x_TD: torch.Tensor,
         domain_logits_TG: torch.Tensor | None = None,
         forced_groups_TK1: torch.Tensor | None = None,
-    ) -> RouterOutput:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(weights_TK, ids_TK, logits_TR)`` in x's dtype (logits feed ``losses``)."""
         bias = self.bias_R if self.cfg.bias_balancing else None
         w = self.weight_DR.to(x_TD.dtype)
         if self.cfg.kind == "progressive":
@@ -68,15 +58,15 @@ class Router(nn.Module):
                 raise ValueError("progressive routing needs the encoder's domain logits")
             logits_TR = torch.cat([domain_logits_TG.to(x_TD.dtype), x_TD @ w], dim=-1)
             weights_TK, ids_TK = ops.gate(logits_TR, self.spec, bias, forced_groups_TK1)
-        else:
-            weights_TK, ids_TK, logits_TR = ops.route(x_TD, w, self.spec, bias, forced_groups_TK1)
-        counts_E = ops.expert_counts(ids_TK, self.spec.n_experts)
-        domain_counts_G = counts_E.view(self.cfg.n_domains, -1).sum(1)
-        aux, z = self._losses(logits_TR.float(), counts_E, domain_counts_G)
-        return RouterOutput(weights_TK, ids_TK, logits_TR, aux, z, counts_E, domain_counts_G)
+            return weights_TK, ids_TK, logits_TR
+        return ops.route(x_TD, w, self.spec, bias, forced_groups_TK1)
 
-    def _losses(self, logits_TR, counts_E, domain_counts_G):
-        cfg, T = self.cfg, logits_TR.shape[0]
+    def losses(self, logits_TR: torch.Tensor, counts_E: torch.Tensor,
+               domain_counts_G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Switch-style load-balance loss (both levels for two_level) and router z-loss, in
+        fp32, from the logits and the (detached) expert counts."""
+        cfg, logits_TR = self.cfg, logits_TR.float()
+        T = logits_TR.shape[0]
         if T == 0:
             zero = logits_TR.sum()
             return zero, zero

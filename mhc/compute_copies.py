@@ -1,0 +1,74 @@
+"""Compute-dtype copies of fp32 master weights, made once per optimizer step.
+
+Under bf16 autocast the expert matmuls (``torch._grouped_mm``) need bf16 weights. Casting the
+fp32 masters in every forward costs 6 bytes of traffic per parameter per forward; with
+gradient accumulation or evaluation between steps that is once per forward, not once per
+step. ``compute_weight`` keeps one copy per master and re-makes it only when the master may
+have changed:
+
+* after any ``torch.optim`` optimizer step: a global step post-hook bumps a generation
+  (fused AdamW updates parameters without moving their version counters, so version
+  counters alone would let the copy go stale);
+* when the master's storage or version counter moved (``load_state_dict``, ``.to()``,
+  in-place edits under ``no_grad``).
+
+Edits through ``.data`` escape both: call ``invalidate()`` after one. The copy's gradient
+reaches the master in the master's dtype (fp32 gradients, fp32 optimizer state).
+Under ``torch.compile`` or CUDA-graph capture the cast stays in the graph (once per forward):
+a compiled graph cannot ask whether a step happened, and a captured one must re-cast on every
+replay. Under inference mode nothing is cached (an inference tensor cannot join autograd).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+_generation = 0
+_hook = None
+
+
+def invalidate(*_ignored) -> None:
+    """Mark every cached copy stale (the optimizer step post-hook calls this)."""
+    global _generation
+    _generation += 1
+
+
+def _install_hook() -> None:
+    global _hook
+    if _hook is None:
+        _hook = register_optimizer_step_post_hook(invalidate)
+
+
+class _MasterGrad(torch.autograd.Function):
+    """The cached copy in the forward; its gradient, cast to the master's dtype, for the
+    master in the backward."""
+
+    @staticmethod
+    def forward(ctx, master, copy):
+        ctx.dtype = master.dtype
+        return copy
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype), None
+
+
+def compute_weight(cache: dict, name: str, master: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """``master`` in ``dtype``, from ``cache`` (a dict the owning module keeps) when still
+    valid, differentiable w.r.t. ``master``."""
+    if master.dtype == dtype:
+        return master
+    if (torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
+            or (master.is_cuda and torch.cuda.is_current_stream_capturing())):
+        return master.to(dtype)
+    _install_hook()
+    stamp = (_generation, master.data_ptr(), master._version, master.device, dtype)
+    hit = cache.get(name)
+    if hit is None or hit[0] != stamp:
+        with torch.no_grad():
+            hit = cache[name] = (stamp, master.detach().to(dtype))
+    if torch.is_grad_enabled() and master.requires_grad:
+        return _MasterGrad.apply(master, hit[1])
+    return hit[1]
