@@ -18,11 +18,15 @@ from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _PACKAGES = ("numpy", "faiss-cpu", "faiss-gpu-cu12", "lmdb", "torch", "sentence-transformers",
-             "chromadb", "triton")
+             "chromadb", "triton", "transformers")
 
 
 def git_sha() -> str:
-    """Short HEAD sha (with ``+dirty`` when the tree has changes), or ``uncommitted``."""
+    """Short HEAD sha (with ``+dirty`` when the tree has changes), or ``uncommitted``.
+    ``BENCH_GIT_SHA`` overrides it: a copy of the tree without ``.git`` (the GPU machine's)
+    is told the sha it was copied from."""
+    if os.environ.get("BENCH_GIT_SHA"):
+        return os.environ["BENCH_GIT_SHA"]
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,

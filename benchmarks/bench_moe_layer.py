@@ -1,24 +1,26 @@
-"""A full mHC FFN layer (route → permute → experts → combine), forward + backward, on a GPU.
+"""A full mHC FFN layer (route → permute → experts → combine), forward + backward, on a GPU,
+on the path the model runs.
 
 Uses ``mhc.moe.MHCFFN`` (the model's own layer) at T = 16384 tokens, d = 1024, E = 64
-(8 domains × 8 components, k 1×2, expert width 512, bf16 activations), and reports tokens/s for:
+(8 domains × 8 components, k 1×2, expert width 512). The input is what a block hands the
+layer under bf16 autocast: fp32 rows of the residual stream (the layer casts them to bf16 at
+its boundary; the fp32 expert weights go through their bf16 compute copies). Variants:
 
-  triton        routing ops = Triton kernels, experts = torch._grouped_mm (MHC_KERNELS=triton)
-  torch-route   routing ops = torch reference, experts = torch._grouped_mm (isolates routing)
-  torch         everything from the torch reference (experts = per-expert loop; MHC_KERNELS=torch)
+  triton        routing ops = Triton kernels (MHC_KERNELS=triton)
+  torch-route   routing ops = the torch reference (MHC_KERNELS=torch; isolates routing)
   dense         the dense SwiGLU FFN with the same active parameters (width 512·2 = 1024)
 
+Expert matmuls take ``torch._grouped_mm`` in both MoE variants (one op for both backends);
+the script checks that no call took the per-group loop.
+
 Time per step = median of CUDA-event-timed iterations (fwd + bwd of a scalar loss with the
-router's aux and z losses), after warm-up, two ways:
+router's aux and z losses, under autocast), after warm-up, three ways:
 
   eager   the step as a training loop runs it: includes Python, autograd and launch overhead
           (at these sizes the host, not the GPU, sets the pace, so it moves between machines)
-  graph   the same step captured once in a CUDA graph and replayed: GPU time alone. Only
-          variants without host syncs can be captured: the torch reference syncs (``bincount``
-          in ``permute``/``expert_counts``, ``counts.tolist()`` in its grouped matmul), so its
-          two variants show n/a.
-  busy    GPU-busy time per step from the profiler (the sum of kernel and copy durations over
-          5 eager steps): comparable across all variants, the uncapturable ones included.
+  graph   the same step captured once in a CUDA graph and replayed: GPU time alone (every
+          variant is sync-free, so every variant can be captured)
+  busy    GPU-busy time per step from the profiler (kernel and copy time over 3 eager steps)
 
     PYTHONUNBUFFERED=1 python benchmarks/bench_moe_layer.py [--json out.json] [--profile]
 """
@@ -27,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,22 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
-from kernels.routing import ops, reference  # noqa: E402
-
-
-def _hybrid():
-    from kernels.routing import triton_ops
-
-    m = types.SimpleNamespace(**{n: getattr(reference, n) for n in triton_ops.__all__})
-    m.grouped_mm = triton_ops.grouped_mm
-    return m
 
 
 def train_step(layer, x):
-    """One forward + backward of the layer on ``x`` (a fresh leaf that wants its gradient):
-    loss = mean(y²) + the router's aux and z losses."""
+    """One forward + backward of the layer on ``x`` (fp32 rows, a fresh leaf that wants its
+    gradient) under bf16 autocast: loss = mean(y²) + the router's aux and z losses."""
     xi = x.detach().requires_grad_()
-    y, aux = layer(xi)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, aux = layer(xi)
     (y.float().square().mean() + 0.01 * aux.aux_loss + 1e-3 * aux.z_loss).backward()
 
 
@@ -119,14 +111,6 @@ def profile_steps(layer, x, steps):
     return prof
 
 
-def gpu_busy_ms(layer, x, steps=5):
-    """Sum of the GPU activity (kernels, copies) the profiler records per eager step, in ms."""
-    prof = profile_steps(layer, x, steps)
-    us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-             for e in prof.key_averages())
-    return us / steps / 1e3
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=16384)
@@ -138,6 +122,8 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("bench_moe_layer needs a CUDA GPU")
         return 1
+    from benchmarks.bench_train_e2e import gpu_busy
+    from kernels.routing import grouped
     from mhc.config import FFNConfig
     from mhc.moe import MHCFFN
 
@@ -147,34 +133,29 @@ def main(argv=None):
                     k1=1, k2=2)
     dense_cfg = FFNConfig(kind="dense", hidden=args.hidden, k1=1, k2=2)
     torch.manual_seed(0)
-    x = torch.randn(T // S, S, d, device="cuda").bfloat16()
+    x = torch.randn(T // S, S, d, device="cuda")  # fp32, as the residual stream is
     moe = MHCFFN(d, cfg).cuda()
     dense = MHCFFN(d, dense_cfg).cuda()
     results = {}
-    orig_impl = ops._impl
-    variants = [("triton", "triton", None), ("torch-route", "torch", _hybrid),
-                ("torch", "torch", None), ("dense", "torch", None)]
-    for name, backend, impl in variants:
+    for name, backend in [("triton", "triton"), ("torch-route", "torch"), ("dense", "triton")]:
         kernels.set_backend(backend)
-        if impl is not None:
-            h = impl()
-            ops._impl = lambda _tensor, h=h: h  # benchmark-only: reference routing, fast experts
         layer = dense if name == "dense" else moe
         try:
+            grouped.CALLS.clear()
             t = bench_layer(layer, x)
             tg = bench_layer_graph(layer, x)
-            busy = gpu_busy_ms(layer, x)
+            busy, families, _ = gpu_busy(lambda layer=layer: train_step(layer, x))
+            if grouped.CALLS["loop"] or grouped.CALLS["loop_backward"]:
+                raise RuntimeError(f"an expert matmul left the fast path: {dict(grouped.CALLS)}")
             results[name] = dict(step_ms=t * 1e3, tokens_per_s=T / t,
                                  graph_step_ms=tg * 1e3 if tg else None,
                                  graph_tokens_per_s=T / tg if tg else None,
-                                 gpu_busy_ms=busy)
+                                 gpu_busy_ms=busy, gpu_busy_by_family_ms=families)
             gs = f"{tg * 1e3:6.2f} ms ({T / tg / 1e6:5.2f} M tok/s)" if tg else "n/a"
             print(f"{name:12} eager {t * 1e3:6.2f} ms ({T / t / 1e6:5.2f} M tok/s) | "
                   f"graph {gs} | GPU busy {busy:6.2f} ms", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"{name}: failed: {type(e).__name__}: {e}"[:300])
-        finally:
-            ops._impl = orig_impl
     if args.profile:
         kernels.set_backend("triton")
         prof = profile_steps(moe, x, 3)
@@ -187,15 +168,13 @@ def main(argv=None):
             if tr["graph_tokens_per_s"] and v["graph_tokens_per_s"]:
                 v["triton_speedup_graph"] = tr["graph_tokens_per_s"] / v["graph_tokens_per_s"]
     meta = dict(gpu=torch.cuda.get_device_name(0), torch=torch.__version__, T=T, d=d,
-                hidden=args.hidden, E=64, G=8, C=8, k1=1, k2=2, dtype="bfloat16")
+                hidden=args.hidden, E=64, G=8, C=8, k1=1, k2=2,
+                dtype="bf16 autocast, fp32 input rows and master weights")
     print(json.dumps(dict(meta=meta, results=results), indent=1))
     try:
         from benchmarks._results import append_result
 
-        row = dict(meta, results=results)
-        if os.environ.get("BENCH_GIT_SHA"):
-            row["git_sha"] = os.environ["BENCH_GIT_SHA"]
-        append_result("bench_moe_layer", row)
+        append_result("bench_moe_layer", dict(meta, results=results))
     except ImportError:
         pass
     if args.json:

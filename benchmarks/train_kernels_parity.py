@@ -1,12 +1,17 @@
-"""Train the ``debug`` preset with MHC_KERNELS=triton and =torch; compare the loss curves.
+"""Train a preset with MHC_KERNELS=triton and =torch through ``engram train``; compare the
+loss curves.
 
 Each backend runs in its own process (the switch is resolved once per process) with the same
-seed and data, ``train.steps`` steps, loss logged every step. Tolerance (stated before the
-run): at every step |loss_triton − loss_torch| ≤ 0.05 nats/byte, and the final losses within
-1 %. The two paths differ only by float summation order (and bf16 rounding under autocast on
-a GPU), so the curves should agree far better than that; a selection flip shows as a jump.
+seed and data, ``train.steps`` steps, loss logged every step, through the trainer users run:
+on a GPU that is bf16 autocast with an fp32 residual stream, so both runs route bf16 rows and
+every expert matmul takes ``torch._grouped_mm`` (one op for both backends: the curves compare
+the Triton routing kernels against the torch reference routing, nothing else). Tolerance
+(stated before the run): at every step |loss_triton − loss_torch| ≤ 0.05 nats/byte, and the
+final losses within 1 %. The two paths differ only by float summation order and bf16
+rounding, so the curves should agree far better than that; a selection flip shows as a jump.
 
-    PYTHONUNBUFFERED=1 python benchmarks/train_kernels_parity.py [--steps 50] [--json out.json]
+    PYTHONUNBUFFERED=1 python benchmarks/train_kernels_parity.py [--preset small] \
+        [--steps 200] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_ABS, FINAL_REL = 0.05, 0.01
 
 
-def run_backend(backend: str, steps: int, out: Path) -> list[float]:
+def run_backend(backend: str, preset: str, steps: int, out: Path) -> list[float]:
     env = dict(os.environ, MHC_KERNELS=backend, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "sessions", "train", "debug", f"train.steps={steps}",
+    cmd = [sys.executable, "-m", "sessions", "train", preset, f"train.steps={steps}",
            "train.log_every=1", f"train.eval_every={steps + 1}", "train.max_minutes=0",
            "--out", str(out), "--quiet", "--json"]
     subprocess.run(cmd, env=env, cwd=ROOT, check=True)
@@ -35,16 +40,19 @@ def run_backend(backend: str, steps: int, out: Path) -> list[float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="debug", help="a preset or config file (debug, small)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        curves = {b: run_backend(b, args.steps, Path(tmp) / b) for b in ("triton", "torch")}
+        curves = {b: run_backend(b, args.preset, args.steps, Path(tmp) / b)
+                  for b in ("triton", "torch")}
     a, b = curves["triton"], curves["torch"]
     diffs = [abs(x - y) for x, y in zip(a, b, strict=True)]
     final_rel = abs(a[-1] - b[-1]) / abs(b[-1])
     ok = max(diffs) <= MAX_ABS and final_rel <= FINAL_REL
-    res = dict(steps=len(a), max_abs_diff=max(diffs), mean_abs_diff=sum(diffs) / len(diffs),
+    res = dict(preset=args.preset, steps=len(a), max_abs_diff=max(diffs),
+               mean_abs_diff=sum(diffs) / len(diffs),
                final_triton=a[-1], final_torch=b[-1], final_rel_diff=final_rel,
                tolerance=dict(max_abs=MAX_ABS, final_rel=FINAL_REL), passed=ok, curves=curves)
     for i in range(0, len(a), max(1, len(a) // 10)):
