@@ -332,13 +332,16 @@ def measure(name: str, shape: str, mode: str, args) -> dict:
     run()
     torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     for _ in range(args.warmup):
         run()
     torch.cuda.synchronize()
+    estimate = (time.perf_counter() - t0) / max(args.warmup, 1)
+    steps = max(2, min(args.steps, int(2.0 / max(estimate, 1e-3))))  # windows of <= ~2 s
     torch.cuda.reset_peak_memory_stats()
-    step_s = time_steps(run, args.steps, args.windows)
+    step_s = time_steps(run, steps, args.windows)
     peak = torch.cuda.max_memory_allocated() / 2**30
-    busy_ms, families, top = gpu_busy(run)
+    busy_ms, families, top = gpu_busy(run, steps=1 if estimate > 0.5 else 3)
     before = dict(grouped.CALLS)
     n_syncs, sync_sites = host_syncs(run)
     calls = {k: v - before.get(k, 0) for k, v in grouped.CALLS.items() if v - before.get(k, 0)}
@@ -351,7 +354,8 @@ def measure(name: str, shape: str, mode: str, args) -> dict:
                gpu_busy_ms=busy_ms, busy_tokens_per_s=BATCH * SEQ / (busy_ms / 1e3),
                gpu_busy_by_family_ms=families, top_kernels_ms=top, peak_mem_gib=peak,
                host_syncs_per_step=n_syncs, sync_sites=sync_sites, expert_mm_calls=calls,
-               first_step_s=first_s, active_params=active, flops_per_token=flops,
+               first_step_s=first_s, timed_steps=steps * args.windows, active_params=active,
+               flops_per_token=flops,
                total_params=sum(p.numel() for p in model.parameters()),
                loss=float(last["loss"]), **info)
     return row
