@@ -26,7 +26,7 @@ from .codec import _decode, decode_header, encode_record, trace_of
 from .documents import dense_document
 from .errors import InvalidInputError, UnknownSessionError, UnknownTraceError
 from .index import SpaceIndex
-from .records import Trace, as_matrix, check_name, check_value, validate_batch
+from .records import Trace, as_matrix, check_meta, check_name, check_value, validate_batch
 
 SPACES = ("text", "latent")
 ATTR = {"text": "text_embedding", "latent": "latent_key"}
@@ -360,11 +360,11 @@ class WriteMixin:
         self.update_latents(ids, keys)
 
     def update_latents(self, ids: Iterable[int], keys: Any, values: list[Any] | None = None,
-                       meta: dict[str, Any] | None = None) -> None:
+                       meta: dict[str, Any] | list[dict[str, Any]] | None = None) -> None:
         """Replace the latent keys, and optionally the latent values, of existing traces and
-        merge ``meta`` into their metadata, in one transaction (what a model "reindex" needs:
-        keys and values recomputed from the stored text). Validates everything first: an
-        unknown id or a bad vector changes nothing."""
+        merge ``meta`` (one dict for all, or one per id) into their metadata, in one
+        transaction (what a model "reindex" needs: keys and values recomputed from the stored
+        text). Validates everything first: an unknown id or a bad vector changes nothing."""
         self._check_writable()
         ids = [int(i) for i in ids]
         keys = as_matrix(keys, self.latent_dim, "latent_key")
@@ -377,8 +377,11 @@ class WriteMixin:
             raise InvalidInputError(f"latent_value: {len(ids)} ids but {len(values)} values",
                                     "latent_value")
         vals = None if values is None else [check_value(v) for v in values]
+        metas = meta if isinstance(meta, list) else [meta or {}] * len(ids)
+        if len(metas) != len(ids):
+            raise InvalidInputError(f"meta: {len(ids)} ids but {len(metas)} meta dicts", "meta")
         try:
-            extra = json.loads(json.dumps(meta or {}, allow_nan=False))
+            extras = [json.loads(json.dumps(check_meta(m), allow_nan=False)) for m in metas]
         except (TypeError, ValueError) as e:
             raise InvalidInputError(f"meta: is not JSON-serialisable: {e}", "meta") from None
         with self._mu:
@@ -392,9 +395,9 @@ class WriteMixin:
                 for j, i in enumerate(ids):
                     k = L.id_key(i)
                     h, lv = _decode(txn.get(k, db=dbs["traces"]), True)
-                    if values is not None or extra:
+                    if values is not None or extras[j]:
                         t = trace_of(i, h, lv if vals is None else vals[j])
-                        t.meta = {**h["m"], **extra}
+                        t.meta = {**h["m"], **extras[j]}
                         txn.put(k, encode_record(t, h["cx"]), db=dbs["traces"])
                     txn.put(k, keys[j].tobytes(), db=dbs["latent_vec"])
                     where.append(L.decode_info(txn.get(k, db=dbs["info"])))

@@ -15,8 +15,8 @@ import torch
 from tqdm import tqdm
 
 from engram.backends import retrieval_key
-from memory_store.store import TraceStore
 from engram.model import model_version
+from memory_store.store import TraceStore
 from sessions.pipeline import load_model
 
 
@@ -36,7 +36,7 @@ def reindex_store(store_dir: Path, checkpoint: Path, batch_size: int = 64,
         bar = tqdm(total=len(ids), disable=not progress, desc="reindex")
         for start in range(0, len(ids), batch_size):
             traces = [t for t in store.get(ids[start:start + batch_size])
-                      if store.latent_values([t.id])[0] is not None]
+                      if t.latent_key is not None]
             skipped += min(batch_size, len(ids) - start) - len(traces)
             if traces:
                 raw = [t.text.encode("utf-8")[-seq_len:] for t in traces]
@@ -47,13 +47,14 @@ def reindex_store(store_dir: Path, checkpoint: Path, batch_size: int = 64,
                     idx[j, :len(r)] = torch.tensor(list(r))
                     mask[j, :len(r)] = True
                 tr = model.encode_traces(idx, mask)
-                for j, t in enumerate(traces):
-                    n = int(tr.mask_NS[j].sum())
-                    store.update_latents(
-                        [t.id], retrieval_key(tr.key_NK[j:j + 1], tr.salience_N[j:j + 1]).numpy(),
-                        [tr.hidden_NSD[j, -n:].float().numpy()],
-                        {"model_version": version, "salience": float(tr.salience_N[j]),
-                         "tokens": n, "bytes": tr.tokens_NS[j, -n:].tolist()})
+                valid = [int(n) for n in tr.mask_NS.sum(1).tolist()]
+                store.update_latents(  # one transaction for the whole batch
+                    [t.id for t in traces],
+                    retrieval_key(tr.key_NK, tr.salience_N).float().numpy(),
+                    [tr.hidden_NSD[j, -n:].float().numpy() for j, n in enumerate(valid)],
+                    [{"model_version": version, "salience": float(tr.salience_N[j]),
+                      "tokens": n, "bytes": tr.tokens_NS[j, -n:].tolist()}
+                     for j, n in enumerate(valid)])
                 done += len(traces)
             bar.update(min(batch_size, len(ids) - start))
         bar.close()
