@@ -1,19 +1,27 @@
-"""Trace store benchmark: scoped search latency and recall, ingest, reopen, vs chromadb.
+"""Trace store benchmark: scoped search latency and recall, ingest, deletes, reopen, vs chromadb.
 
 Sections (each prints a table; all rows are appended to ``results/bench_store.jsonl`` with
-hardware, versions and git sha):
+hardware, versions and git sha; every search row names the path it took, from the index's
+own counters: ``exact``, ``exact-filtered``, ``ivf``, ``hnsw``):
 
-1. **scale** - N random 384-d unit vectors (precomputed text embeddings) over S sessions in
-   NS namespaces, ingested in batches; then session-scoped top-10 search (p50/p99 latency,
-   recall@10 against an exact numpy scan of the generated vectors, not of the store),
-   namespace-wide and "sessions before S" searches through the ANN index, reopen time
-   (open + first search with the saved index).
-2. **kinds** - a smaller store per index kind (flat, ivf, hnsw): namespace-wide top-10
+1. **scale** - N 384-d unit vectors (precomputed text embeddings; ``--data clustered``: a
+   mixture of 2,000 Gaussian clusters, the structure real embeddings have; ``uniform``: no
+   structure, the worst case for ANN) over S sessions in NS namespaces, ingested in batches
+   with external ids and ``happened_at`` (what users pass); then session-scoped top-10 search
+   (p50/p99 latency, recall@10 against an exact numpy scan of the generated vectors, not of the
+   store), namespace-wide and "sessions before S" searches large enough for the ANN path (an
+   nprobe sweep), a time-window search, and reopen time (open + first search).
+2. **locomo** (with ``--locomo``) - the LoCoMo dev conversations added to the N-trace store:
+   evidence recall@10 and per-question hybrid search latency at that scale.
+3. **forget** - on the scale store: ``delete`` of 10,000 random ids, repeated (median of the
+   repeats), the first search after each delete, recall against exact over what remains, then
+   ``compact`` (bytes before/after).
+4. **kinds** - a smaller store per index kind (flat, ivf, hnsw): namespace-wide top-10
    latency and recall@10 against exact.
-3. **chromadb** - the same 20k traces in chromadb and in the store, 1,000 session-filtered
+5. **chromadb** - the same 20k traces in chromadb and in the store, 1,000 session-filtered
    top-10 queries each (both return ids, documents and metadata); per-query latency ratio.
 
-    python benchmarks/bench_store.py            # full: 1M traces (~10 min, ~8 GB RAM)
+    python benchmarks/bench_store.py            # full: 1M traces (~15 min, ~8 GB RAM)
     python benchmarks/bench_store.py --quick    # smoke run: 50k traces
 """
 
@@ -24,6 +32,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +43,33 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._results import append_result, environment  # noqa: E402
 from memory_store import IndexConfig, Scope, Trace, TraceStore  # noqa: E402
 
+T0 = 1.7e9  # happened_at of trace i is T0 + i seconds
+
 
 def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     x = rng.standard_normal((n, d), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
+
+
+class Vectors:
+    """Unit vectors: uniform on the sphere, or a mixture of Gaussian clusters."""
+
+    def __init__(self, kind: str, d: int, seed: int = 0, clusters: int = 2000,
+                 spread: float = 0.6):
+        self.kind, self.d = kind, d
+        rng = np.random.default_rng(seed)
+        self.centers = unit_rows(rng, clusters, d) if kind == "clustered" else None
+        self.spread = spread
+
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        if self.centers is None:
+            return unit_rows(rng, n, self.d)
+        x = self.centers[rng.integers(len(self.centers), size=n)]
+        x = x + rng.standard_normal((n, self.d), dtype=np.float32) * (self.spread /
+                                                                     np.sqrt(self.d))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x.astype(np.float32)
 
 
 def pct(a, q):
@@ -48,6 +79,13 @@ def pct(a, q):
 def recall(got: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(g[g >= 0].tolist()) & set(e.tolist())) / len(e)
                           for g, e in zip(got, exact, strict=True)]))
+
+
+def paths(store: TraceStore, before: Counter) -> str:
+    """The search paths taken since ``before`` (e.g. ``ivf`` or ``exact``)."""
+    now = store.search_paths("text")
+    used = {k: now[k] - before.get(k, 0) for k in now if now[k] > before.get(k, 0)}
+    return "+".join(sorted(used)) or "none"
 
 
 class Layout:
@@ -65,25 +103,43 @@ class Layout:
         return slice(s * self.per_session, (s + 1) * self.per_session)
 
 
-def section_scale(args, work: Path, rng) -> list[dict]:
+def timed_queries(store, qs, scopes, **kw):
+    """(latencies, ids, path) of one search_vectors call per query."""
+    before = store.search_paths("text")
+    lat, got = [], []
+    for q, scope in zip(qs, scopes, strict=True):
+        t0 = time.perf_counter()
+        _, ids = store.search_vectors(q, scope, 10, space="text", **kw)
+        lat.append(time.perf_counter() - t0)
+        got.append(ids[0])
+    return lat, np.array(got), paths(store, before)
+
+
+def section_scale(args, work: Path, rng, state: dict) -> list[dict]:
     lay = Layout(args.n, args.sessions, args.namespaces)
     d = args.dim
-    print(f"generating {args.n:,} x {d} vectors ...", flush=True)
-    vecs = unit_rows(rng, args.n, d)
-    cfg = IndexConfig(kind=args.kind, nprobe=args.nprobe)
+    print(f"generating {args.n:,} x {d} {args.data} vectors ...", flush=True)
+    gen = Vectors(args.data, d)
+    vecs = gen.draw(rng, args.n)
+    cfg = IndexConfig(kind=args.kind, nprobe=args.nprobe, exact_max_rows=args.exact_max_rows,
+                      ann_min_rows=args.exact_max_rows)
     path = work / "scale"
     batch = args.batch
-    add_s = 0.0
+    add_s, per_batch = 0.0, []
     t_all = time.perf_counter()
     with TraceStore.open(path, index=cfg) as store:
         for start in range(0, args.n, batch):
             stop = min(start + batch, args.n)
             traces = [Trace(lay.ns(i // lay.per_session), f"s{i // lay.per_session}", f"t{i}",
-                            step=i % lay.per_session, text_embedding=vecs[i])
+                            step=i % lay.per_session, text_embedding=vecs[i],
+                            external_id=f"s{i // lay.per_session}/{i % lay.per_session}",
+                            happened_at=T0 + i)
                       for i in range(start, stop)]
             t0 = time.perf_counter()
             store.add(traces)
-            add_s += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            add_s += dt
+            per_batch.append((stop - start) / dt)
             if (start // batch) % 20 == 0:
                 print(f"  ingested {stop:,} ({stop / max(add_s, 1e-9):,.0f} traces/s in add)",
                       flush=True)
@@ -92,11 +148,13 @@ def section_scale(args, work: Path, rng) -> list[dict]:
     wall_s = time.perf_counter() - t_all
     t0 = time.perf_counter()
     store = TraceStore.open(path, mode="r")
-    q0 = unit_rows(rng, 1, d)
+    q0 = gen.draw(rng, 1)
     store.search_vectors(q0, Scope("ns0", ("s0",)), 10, space="text")
     reopen_s = time.perf_counter() - t0
-    rows = [{"section": "scale", "metric": "ingest", "traces": args.n, "batch": batch,
-             "add_seconds": add_s, "traces_per_s_add": args.n / add_s,
+    rows = [{"section": "scale", "metric": "ingest", "data": args.data, "traces": args.n,
+             "batch": batch, "with": "external_id+happened_at", "add_seconds": add_s,
+             "traces_per_s_add": args.n / add_s,
+             "traces_per_s_add_median_batch": float(np.median(per_batch)),
              "close_seconds": close_s, "wall_seconds": wall_s,
              "traces_per_s_wall_incl_index_build": args.n / wall_s},
             {"section": "scale", "metric": "reopen", "seconds": reopen_s}]
@@ -104,58 +162,137 @@ def section_scale(args, work: Path, rng) -> list[dict]:
     # the timed loop, so the benchmark's own numpy work does not interleave with the store's
     # (BLAS and OpenMP thread pools spinning against each other distort timings on 2 cores).
     sess = rng.integers(args.sessions, size=args.queries)
-    qs = unit_rows(rng, args.queries, d)
-    lat, got = [], []
-    for s, q in zip(sess.tolist(), qs, strict=True):
-        scope = Scope(lay.ns(s), (f"s{s}",))
-        t0 = time.perf_counter()
-        _, ids = store.search_vectors(q, scope, 10, space="text")
-        lat.append(time.perf_counter() - t0)
-        got.append(ids[0])
+    qs = gen.draw(rng, args.queries)
+    lat, got, used = timed_queries(store, qs, [Scope(lay.ns(s), (f"s{s}",)) for s in
+                                               sess.tolist()])
     exact = []
     for s, q in zip(sess.tolist(), qs, strict=True):
         sl = lay.rows_of_session(s)
         exact.append(np.argsort(-(vecs[sl] @ q))[:10] + sl.start + 1)  # ids: 1-based rows
-    rows.append({"section": "scale", "metric": "session_top10", "queries": args.queries,
+    rows.append({"section": "scale", "metric": "session_top10", "path": used,
+                 "scope_rows": lay.per_session, "queries": args.queries,
                  "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
                  "mean_ms": float(np.mean(lat) * 1e3),
-                 "recall@10": recall(np.array(got), np.array(exact))})
+                 "recall@10": recall(got, np.array(exact))})
     # the same through search() (records fetched: what a person or the CLI gets)
     lat = []
     for s, q in zip(sess.tolist()[:300], qs[:300], strict=False):
         t0 = time.perf_counter()
         store.search(q, Scope(lay.ns(s), (f"s{s}",)), 10, mode="dense")
         lat.append(time.perf_counter() - t0)
-    rows.append({"section": "scale", "metric": "session_top10_with_records",
+    rows.append({"section": "scale", "metric": "session_top10_with_records", "path": "exact",
                  "queries": len(lat), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)})
-    # wider scopes: whole namespace and "before S" (ANN index with an in-search selector)
+    rows += wide_rows(args, store, gen, vecs, lay, rng)
+    state.update(store=store, vecs=vecs, lay=lay, gen=gen, path=path)
+    return rows
+
+
+def wide_rows(args, store, gen, vecs, lay, rng, label_suffix="") -> list[dict]:
+    """Namespace-wide, "before S" and time-window top-10: scopes of 50k-100k rows, above
+    ``exact_max_rows``, so the ANN path runs (and exact, for reference)."""
+    rows = []
     nss = rng.integers(args.namespaces, size=args.wide_queries)
-    qs = unit_rows(rng, args.wide_queries, d)
-    for label in ("namespace_top10", "before_half_top10", "namespace_top10_exact"):
-        lat, got, spans = [], [], []
-        for nsi, q in zip(nss.tolist(), qs, strict=True):
-            first = nsi * lay.per_ns
-            if label.startswith("namespace_top10"):
-                scope, last = Scope(f"ns{nsi}"), first + lay.per_ns
-            else:
-                last = first + lay.per_ns // 2
-                scope = Scope(f"ns{nsi}", before=f"s{last}")
-            t0 = time.perf_counter()
-            _, ids = store.search_vectors(q, scope, 10, space="text",
-                                          exact=label.endswith("exact"))
-            lat.append(time.perf_counter() - t0)
-            got.append(ids[0])
-            spans.append((first * lay.per_session, last * lay.per_session))
-        exact = [np.argsort(-(vecs[lo:hi] @ q))[:10] + lo + 1
-                 for (lo, hi), q in zip(spans, qs, strict=True)]
-        rows.append({"section": "scale", "metric": label,
-                     "kind": "flat (exact)" if label.endswith("exact") else args.kind,
-                     "nprobe": args.nprobe, "scope_rows": spans[0][1] - spans[0][0],
-                     "queries": len(lat), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
-                     "recall@10": recall(np.array(got), np.array(exact))})
+    qs = gen.draw(rng, args.wide_queries)
+    per_ns_rows = lay.per_ns * lay.per_session
+    cases = [("namespace_top10", {"nprobe": p}) for p in args.nprobe_sweep] + [
+        ("namespace_top10_exact", {"exact": True}), ("before_half_top10", {}),
+        ("window_quarter_top10", {})]
+    for label, kw in cases:
+        scopes, spans = [], []
+        for nsi in nss.tolist():
+            first = nsi * per_ns_rows
+            if label.startswith("namespace"):
+                scopes.append(Scope(f"ns{nsi}"))
+                spans.append((first, first + per_ns_rows))
+            elif label.startswith("before"):
+                half = nsi * lay.per_ns + lay.per_ns // 2
+                scopes.append(Scope(f"ns{nsi}", before=f"s{half}"))
+                spans.append((first, first + per_ns_rows // 2))
+            else:  # happened_at window: the second quarter of the namespace's traces
+                lo, hi = first + per_ns_rows // 4, first + per_ns_rows // 2
+                scopes.append(Scope(f"ns{nsi}", since=T0 + lo, until=T0 + hi - 1))
+                spans.append((lo, hi))
+        lat, got, used = timed_queries(store, qs, scopes, **kw)
+        alive = state_alive(store)
+        exact = []
+        for (lo, hi), q in zip(spans, qs, strict=True):
+            ids = np.arange(lo, hi) + 1
+            keep = alive(ids)
+            exact.append(ids[keep][np.argsort(-(vecs[lo:hi][keep] @ q))[:10]])
+        rows.append({"section": "scale", "metric": label + label_suffix, "path": used,
+                     "kind": "flat (exact)" if kw.get("exact") else args.kind,
+                     "nprobe": kw.get("nprobe", args.nprobe), "scope_rows": spans[0][1] -
+                     spans[0][0], "queries": len(lat), "p50_ms": pct(lat, 50),
+                     "p99_ms": pct(lat, 99), "recall@10": recall(got, exact)})
+    return rows
+
+
+def state_alive(store):
+    """A membership test of live ids (after deletes the exact answer skips deleted rows)."""
+    ix = store._index("text")
+    live = np.sort(ix.scope_ids([k for k in set(ix.slices) | set(ix.delta_counts)]))
+
+    def alive(ids):
+        pos = np.minimum(np.searchsorted(live, ids), len(live) - 1)
+        return live[pos] == ids
+    return alive
+
+
+def section_locomo(args, work: Path, rng, state: dict) -> list[dict]:
+    """LoCoMo dev conversations inside the scale store (it must be open for writing)."""
+    from benchmarks import locomo_retrieval as lr
+
+    state["store"].close()
+    convs = lr.load_conversations(args.locomo_data)
+    row = lr.run(convs, state["path"], ["hybrid"], args.wide_queries * 5, save=False,
+                 data_name=Path(args.locomo_data).name)
+    state["store"] = TraceStore.open(state["path"], mode="r")
+    res = row["results"]["hybrid"]
+    return [{"section": "locomo", "metric": "hybrid_at_scale", "store_traces": row["traces"],
+             "conversations": len(convs), "recall@10": res["overall"]["recall@10"],
+             "per_category_recall@10": {c: r["recall@10"] for c, r in res.items()
+                                        if isinstance(r, dict) and "recall@10" in r},
+             "p50_ms": res["latency"]["p50_ms"], "p99_ms": res["latency"]["p99_ms"],
+             "embed_ms_per_question": row["embed_ms_per_question"]}]
+
+
+def section_forget(args, work: Path, rng, state: dict) -> list[dict]:
+    """Bulk deletes of 10,000 ids on the scale store, then compact."""
+    state["store"].close()
+    path, lay = state["path"], state["lay"]
+    rows = []
+    store = TraceStore.open(path)
+    q = state["gen"].draw(rng, 1)
+    store.search_vectors(q, Scope("ns0"), 10, space="text")  # indexes loaded, as in use
+    ns_rows = lay.per_ns * lay.per_session
+    deleted = set()
+    times, first_search = [], []
+    for r in range(args.delete_repeats):
+        nsi = r % args.namespaces
+        pool = np.arange(nsi * ns_rows, (nsi + 1) * ns_rows) + 1
+        pick = rng.choice(pool[~np.isin(pool, list(deleted))], size=args.delete_n,
+                          replace=False)
+        t0 = time.perf_counter()
+        n = store.delete(pick.tolist())
+        times.append(time.perf_counter() - t0)
+        assert n == args.delete_n
+        deleted.update(pick.tolist())
+        t0 = time.perf_counter()
+        _, ids = store.search_vectors(q, Scope(f"ns{nsi}"), 10, space="text")
+        first_search.append(time.perf_counter() - t0)
+        assert not set(ids[0].tolist()) & deleted
+    rows.append({"section": "forget", "metric": "delete_10k_ids", "traces": args.n,
+                 "ids_per_delete": args.delete_n, "repeats": len(times),
+                 "seconds": [round(t, 4) for t in times],
+                 "median_seconds": float(np.median(times)),
+                 "first_search_after_ms": [round(t * 1e3, 2) for t in first_search]})
+    rows += wide_rows(args, store, state["gen"], state["vecs"], lay, rng, "_after_delete")[:1]
+    t0 = time.perf_counter()
+    res = store.compact()
+    rows.append({"section": "forget", "metric": "compact", "seconds": time.perf_counter() - t0,
+                 "deleted": len(deleted), **res})
     store.close()
-    del vecs
-    shutil.rmtree(path, ignore_errors=True)
+    state["store"] = TraceStore.open(path, mode="r")
     return rows
 
 
@@ -256,7 +393,19 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=10_000, help="traces per add() call")
     ap.add_argument("--kind", default="ivf", choices=["flat", "ivf", "hnsw"],
                     help="index kind of the scale store")
-    ap.add_argument("--nprobe", type=int, default=32)
+    ap.add_argument("--nprobe", type=int, default=16)
+    ap.add_argument("--exact-max-rows", type=int, default=20_000,
+                    help="scopes above this many rows take the ANN path (IndexConfig)")
+    ap.add_argument("--nprobe-sweep", default="8,16,32",
+                    help="nprobe values of the namespace-wide ANN rows")
+    ap.add_argument("--data", default="clustered", choices=["clustered", "uniform"],
+                    help="vectors of the scale store")
+    ap.add_argument("--locomo", action="store_true",
+                    help="also run the LoCoMo dev conversations inside the scale store")
+    ap.add_argument("--locomo-data", type=Path,
+                    default=ROOT.parent / "shared/data/locomo_dev")
+    ap.add_argument("--delete-n", type=int, default=10_000, help="ids per bulk delete")
+    ap.add_argument("--delete-repeats", type=int, default=5)
     ap.add_argument("--queries", type=int, default=1000, help="session-scoped queries")
     ap.add_argument("--wide-queries", type=int, default=200,
                     help="namespace-wide / before-S queries")
@@ -265,15 +414,19 @@ def main(argv=None) -> int:
     ap.add_argument("--chroma-n", type=int, default=20_000)
     ap.add_argument("--chroma-sessions", type=int, default=20)
     ap.add_argument("--chroma-queries", type=int, default=1000)
-    ap.add_argument("--sections", default="scale,kinds,chromadb")
+    ap.add_argument("--sections", default="scale,locomo,forget,kinds,chromadb",
+                    help="sections to run (locomo also needs --locomo; locomo and forget "
+                    "need scale)")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="scratch directory (default: a temporary directory)")
     ap.add_argument("--no-save", action="store_true", help="do not append to results/")
     args = ap.parse_args(argv)
+    args.nprobe_sweep = [int(x) for x in args.nprobe_sweep.split(",")]
     if args.quick:
-        args.n, args.sessions, args.namespaces = 50_000, 100, 5
+        args.n, args.sessions, args.namespaces = 50_000, 100, 2
         args.queries, args.wide_queries, args.kinds_n = 300, 50, 10_000
         args.chroma_n, args.chroma_queries = 5_000, 200
+        args.delete_n, args.delete_repeats, args.exact_max_rows = 2_000, 3, 10_000
     rng = np.random.default_rng(0)
     env = environment()
     print(f"bench_store on {env['cpu']} ({env['cores']} cores, {env['mem_gib']} GiB), "
@@ -281,12 +434,20 @@ def main(argv=None) -> int:
     tmp = tempfile.TemporaryDirectory(dir=args.workdir)
     work = Path(tmp.name)
     all_rows = []
-    sections = {"scale": section_scale, "kinds": section_kinds, "chromadb": section_chroma}
+    state: dict = {}
+    sections = {"scale": section_scale, "locomo": section_locomo, "forget": section_forget,
+                "kinds": lambda a, w, r, _: section_kinds(a, w, r),
+                "chromadb": lambda a, w, r, _: section_chroma(a, w, r)}
     for name in args.sections.split(","):
+        if (name == "locomo" and not args.locomo) or (name in ("locomo", "forget")
+                                                       and "store" not in state):
+            continue
         print(f"== {name}", flush=True)
-        rows = sections[name](args, work, rng)
+        rows = sections[name](args, work, rng, state)
         print_rows(rows)
         all_rows += rows
+    if "store" in state:
+        state["store"].close()
     tmp.cleanup()
     if not args.no_save:
         for r in all_rows:

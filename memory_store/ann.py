@@ -81,7 +81,8 @@ def search(ann: NamespaceANN, q: np.ndarray, k: int, metric: str, allowed: np.nd
     """Top-k of ``q`` among ``allowed`` ids (None: the whole namespace)."""
     sel, buf = (None, None) if allowed is None else selector(allowed, max_id, rows)
     if ann.kind == "ivf":
-        params = faiss.SearchParametersIVF(nprobe=int(nprobe), sel=sel)
+        nlist = faiss.extract_index_ivf(ann.index).nlist
+        params = faiss.SearchParametersIVF(nprobe=int(min(nprobe, nlist)), sel=sel)
     else:
         params = faiss.SearchParametersHNSW(efSearch=int(ef_search), sel=sel)
     d, i = ann.index.search(np.ascontiguousarray(q), k, params=params)

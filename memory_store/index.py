@@ -210,9 +210,11 @@ class SpaceIndex:
         self.generation = generation
 
     def remove(self, ids: np.ndarray, generation: int | None = None,
-               rewritten: bool = False) -> None:
+               rewritten: bool = False, namespaces: set[str] | None = None) -> None:
         """Drop rows by id (ids not in the index are ignored). ``rewritten``: the ids come
-        back with new vectors (upsert, re-key): HNSW graphs holding them are dropped."""
+        back with new vectors (upsert, re-key): HNSW graphs holding them are dropped.
+        ``namespaces``: the namespaces the ids belong to, when known (fewer ANN indexes to
+        touch)."""
         ids = np.unique(np.asarray(ids, np.int64))
         if len(ids) and len(self.base_ids):
             order, sorted_ids = self._sorted_base()
@@ -234,7 +236,7 @@ class SpaceIndex:
                     self.delta_counts[inv[c]] -= n
                 keep = ~gone
                 self._delta = (dv[keep], di[keep], dc[keep], dr[keep], dh[keep])
-        for ns in list(self.ann):
+        for ns in [ns for ns in self.ann if namespaces is None or ns in namespaces]:
             if rewritten and self.ann[ns].kind == "hnsw":
                 del self.ann[ns]
             else:
@@ -321,12 +323,15 @@ class SpaceIndex:
         if n_scope == 0 or k == 0:
             return out_s, out_i
         ns = keys[0][0]
-        use_ann = (not exact and self.cfg.kind != "flat" and n_scope > self.cfg.exact_max_rows)
+        allowed = self.scope_ids(keys, filt) if filt.active else None
+        n_allowed = n_scope if allowed is None else len(allowed)
+        use_ann = (not exact and self.cfg.kind != "flat" and n_allowed > self.cfg.exact_max_rows)
         if use_ann:
             self.ensure_ann(ns)
         with _threads(nq):
             if use_ann and ns in self.ann:
-                s, i = self._search_ann(q, keys, k, nprobe, ef_search, whole_namespace, filt)
+                s, i = self._search_ann(q, keys, k, nprobe, ef_search, whole_namespace, filt,
+                                        allowed)
                 self.path_counts[self.ann[ns].kind] += 1
             else:
                 s, i = self._search_exact(q, keys, k, filt)
@@ -407,13 +412,21 @@ class SpaceIndex:
             parts.append(self._delta[1][rows])
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
-    def _search_ann(self, q, keys, k, nprobe, ef_search, whole_namespace, filt):
-        ann = self.ann[keys[0][0]]
-        allowed = None
-        if not whole_namespace or filt.active or ann.dead:
+    def _search_ann(self, q, keys, k, nprobe, ef_search, whole_namespace, filt, allowed):
+        """ANN search of ``keys``; a selector lets only the allowed ids through, and the
+        search widens (nprobe / efSearch) by the inverse of the allowed fraction, so a
+        narrow scope probes as many of its own rows as a whole-namespace search does."""
+        ns = keys[0][0]
+        ann = self.ann[ns]
+        if allowed is None and (not whole_namespace or ann.dead):
             allowed = self.scope_ids(keys, filt)
+        widen = 1.0
+        if allowed is not None:
+            widen = self.scope_rows(self.keys_of(ns)) / max(len(allowed), 1)
+        nprobe = int(np.ceil((nprobe or self.cfg.nprobe) * widen))
+        ef = int(min(np.ceil((ef_search or self.cfg.ef_search) * widen), 16 * 1024))
         return A.search(ann, q, k, self.cfg.metric, allowed, self.max_id, self.rows,
-                        nprobe or self.cfg.nprobe, ef_search or self.cfg.ef_search)
+                        nprobe, ef)
 
     # ---- persistence ----------------------------------------------------------------
     def save(self, directory: str, order: dict[Key, int]) -> None:

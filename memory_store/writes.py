@@ -515,7 +515,7 @@ class WriteMixin:
         for space in SPACES:
             ix = self._ix[space]
             if ix is not None and ix.generation == gen:
-                ix.remove(arr, gen + 1)
+                ix.remove(arr, gen + 1, namespaces=touched)
             else:
                 self._ix[space] = None
         for ns in touched:
