@@ -24,7 +24,10 @@ Modes: ``eager``; ``compiled`` with ``--compile blocks`` (default: every transfo
 compiled, regional compilation, one compile serving all identical blocks, for every model)
 or ``--compile whole`` (``torch.compile(model, fullgraph=True)`` for ours, as
 ``train.compile=true`` does; Engram keeps block compilation, its memory read runs between
-blocks; HF models ``torch.compile(model)``).
+blocks; HF models ``torch.compile(model)``); ``graph``: the whole eager step (forward,
+backward, clip, fused AdamW with ``capturable=True``, bias update) captured once in a CUDA
+graph and replayed — the step's GPU-bound pace, with no host overhead (ours only: HF's MoE
+syncs with the host, so it cannot be captured).
 
 Per row: tokens/s = B·S ÷ the median step time over windows of back-to-back steps timed by
 CUDA events (the trainer's pace: host time included); MFU = tokens/s × (6·N_active +
@@ -120,13 +123,15 @@ def hf_loss(model, batch: Batch) -> StepOut:
     return StepOut(out.loss, out.loss.detach())
 
 
-def make_optimizer(model: torch.nn.Module, lr: float = 1e-3) -> torch.optim.Optimizer:
-    """As the trainer's: AdamW, decay on matrices only, fused on CUDA."""
+def make_optimizer(model: torch.nn.Module, lr: float = 1e-3,
+                   capturable: bool = False) -> torch.optim.Optimizer:
+    """As the trainer's: AdamW, decay on matrices only, fused on CUDA (``capturable``: its
+    step can be captured in a CUDA graph)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                               {"params": rest, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.95), fused=True)
+                             lr=lr, betas=(0.9, 0.95), fused=True, capturable=capturable)
 
 
 def train_step(model: torch.nn.Module, batch: Batch, optimizer: torch.optim.Optimizer,
@@ -146,6 +151,22 @@ def train_step(model: torch.nn.Module, batch: Batch, optimizer: torch.optim.Opti
     if hasattr(backbone, "update_router_biases"):
         backbone.update_router_biases(out.layers)
     return out.lm_loss
+
+
+def capture_step(model, batch: Batch, optimizer, loss=lm_loss):
+    """``train_step`` captured once as a CUDA graph (a static batch; the optimizer made with
+    ``capturable=True``): ``(graph, its LM-loss tensor)``. Replaying it runs the whole step
+    with no host work; it can only be captured because nothing in it syncs with the host."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as capture requires
+        for _ in range(3):
+            train_step(model, batch, optimizer, loss)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # gradients are None here: backward allocates them inside
+        lm = train_step(model, batch, optimizer, loss)
+    return graph, lm
 
 
 # ----------------------------------------------------------------------------- models
@@ -297,7 +318,7 @@ def host_syncs(run) -> tuple[int, list[str]]:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    syncs = [w for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
     return len(syncs), [f"{Path(w.filename).name}:{w.lineno}" for w in syncs[:4]]
 
 
@@ -320,15 +341,18 @@ def measure(name: str, shape: str, mode: str, args) -> dict:
 
     model, loss, active, info = build(name, shape)
     model.train()
-    opt = make_optimizer(model)
+    opt = make_optimizer(model, capturable=mode == "graph")
     batch = make_batch(shape, with_segments=name == "engram")
     step_model = compile_model(name, model, args.compile) if mode == "compiled" else None
     last = {}
-
-    def run():
-        last["loss"] = train_step(model, batch, opt, loss, step_model)
-
     t0 = time.perf_counter()
+    if mode == "graph":
+        graph, last["loss"] = capture_step(model, batch, opt, loss)
+        run = graph.replay
+    else:
+        def run():
+            last["loss"] = train_step(model, batch, opt, loss, step_model)
+
     run()
     torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
