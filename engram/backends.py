@@ -24,6 +24,7 @@ n traces written per row by one ``write``.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -42,6 +43,10 @@ class Candidates:
     ids_BM: torch.Tensor  # backend trace ids (-1 = padding)
     age_BM: torch.Tensor  # sessions between the reader and the trace (float, >= 1 if eligible)
     scores_BTM: torch.Tensor  # retrieval score of trace m for token t (-inf if not selected)
+    # query row b reads memory row row_index[b] of the trace contents (hidden, mask, tokens,
+    # salience), so a reader projects each episode's traces once however many of its probes
+    # read them; None: the same rows
+    row_index: torch.Tensor | None = None
 
     @property
     def n_traces(self) -> int:
@@ -117,7 +122,8 @@ def session_tensor(session: int | torch.Tensor, B: int, device) -> torch.Tensor:
     """The reader's session per row, ``(B,)`` int64."""
     if torch.is_tensor(session):
         if session.shape != (B,):
-            raise ValueError(f"session must be an int or a ({B},) tensor, got {tuple(session.shape)}")
+            raise ValueError(f"session must be an int or a ({B},) tensor, got "
+                             f"{tuple(session.shape)}")
         return session.to(device=device, dtype=torch.long)
     return torch.full((B,), int(session), dtype=torch.long, device=device)
 
@@ -149,6 +155,7 @@ class TensorMemory:
         return self.key_BMK.shape[1]
 
     def clear(self) -> None:
+        self._index = None  # a view's rows (see rows())
         B, dev, dt = self._B, self.device, self.dtype
         self.key_BMK = torch.zeros(B, 0, self.K, device=dev, dtype=dt)
         self.hidden_BMSD = torch.zeros(B, 0, self.S, self.D, device=dev, dtype=dt)
@@ -165,6 +172,8 @@ class TensorMemory:
         training writes every session of an episode at once); ``keep_Bn`` marks which are
         written (the others are stored as invalid slots so shapes stay rectangular)."""
         B, n = batch.shape
+        if self._index is not None:
+            raise ValueError("TensorMemory.write: write to the memory, not to a rows() view")
         if B != self._B:
             raise ValueError(f"memory holds {self._B} rows, got {B}")
         width = batch.hidden_BnSD.shape[2]
@@ -192,51 +201,46 @@ class TensorMemory:
                 ids = batch.external_ids[b] if batch.external_ids else [None] * n
                 self.external_ids[b].extend(ids)
 
+    def _rows_of(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self._index is None else t.index_select(0, self._index)
+
     def retrieve(self, query_BTK: torch.Tensor, session: int | torch.Tensor, k: int) -> Candidates:
         sess_B = session_tensor(session, self._B, query_BTK.device)[:, None]
+        key, sal = self._rows_of(self.key_BMK), self._rows_of(self.salience_BM)
+        session_BM, valid_BM = self._rows_of(self.session_BM), self._rows_of(self.valid_BM)
         if self.read_scope == "previous":
-            eligible = self.valid_BM & (self.session_BM == sess_B - 1)
+            eligible = valid_BM & (session_BM == sess_B - 1)
         else:
-            eligible = self.valid_BM & (self.session_BM < sess_B)
+            eligible = valid_BM & (session_BM < sess_B)
         scores = torch.einsum("btk,bmk->btm", retrieval_query(query_BTK.float()),
-                              retrieval_key(self.key_BMK.float(), self.salience_BM.float()))
+                              retrieval_key(key.float(), sal.float()))
         selected = topk_selection(scores, eligible, k)
         ids = torch.arange(self.size, device=query_BTK.device).expand(self._B, -1)
         ids = ids.masked_fill(~eligible, -1)
-        age = (sess_B - self.session_BM).float()
-        return Candidates(self.key_BMK, self.hidden_BMSD, self.mask_BMS, self.tokens_BMS,
+        age = (sess_B - session_BM).float()
+        return Candidates(key, self.hidden_BMSD, self.mask_BMS, self.tokens_BMS,
                           self.salience_BM, selected, ids, age,
-                          scores.masked_fill(~selected, float("-inf")))
+                          scores.masked_fill(~selected, float("-inf")), self._index)
 
     def rows(self, index: list[int] | torch.Tensor) -> TensorMemory:
-        """A memory whose row r is this memory's row ``index[r]`` (shared tensors, gradients
-        flow back): several queries of one episode read the same memory."""
+        """A view whose row r is this memory's row ``index[r]``: several queries of one
+        episode read the same traces, which stay stored (and projected) once."""
         idx = torch.as_tensor(index, dtype=torch.long).to(self.key_BMK.device)
-        view = TensorMemory.__new__(TensorMemory)
-        view._B, view.D, view.K, view.S = len(index), self.D, self.K, self.S
-        view.device, view.dtype, view.read_scope = self.device, self.dtype, self.read_scope
-        if self.namespaces is None:
-            view.namespaces = view.session_names = view.external_ids = None
-        else:  # names for describe(): host lists (the runner's path, not training's)
-            host = idx.tolist()
-            view.namespaces = [self.namespaces[i] for i in host]
-            view.session_names = [self.session_names[i] for i in host] \
-                if self.session_names else None
-            view.external_ids = [self.external_ids[i] for i in host]
-        for name in ("key_BMK", "hidden_BMSD", "mask_BMS", "tokens_BMS", "salience_BM",
-                     "session_BM", "valid_BM"):
-            setattr(view, name, getattr(self, name).index_select(0, idx))
+        view = copy.copy(self)
+        view._B = len(idx)
+        view._index = idx if self._index is None else self._index.index_select(0, idx)
         return view
 
     def describe(self, row: int, ids: list[int]) -> list[dict]:
         """Namespace, session and external id of slots ``ids`` of row ``row``."""
         if self.namespaces is None:
             raise ValueError("TensorMemory.describe needs a memory made with namespaces")
-        sessions = self.session_BM[row].tolist()
+        base = row if self._index is None else int(self._index[row])
+        sessions = self.session_BM[base].tolist()
         out = []
         for i in ids:
             s = sessions[i]
-            name = self.session_names[row][s] if self.session_names else str(s)
-            out.append({"id": int(i), "namespace": self.namespaces[row], "session": name,
-                        "external_id": self.external_ids[row][i]})
+            name = self.session_names[base][s] if self.session_names else str(s)
+            out.append({"id": int(i), "namespace": self.namespaces[base], "session": name,
+                        "external_id": self.external_ids[base][i]})
         return out

@@ -7,6 +7,12 @@ its attention on the null slot, whose value is zero, so the reader adds exactly 
 with no traces at all the residual stream is returned untouched). Attention mass on the null
 slot is how a token reads "less" from memory when what it retrieved is not relevant.
 
+Retrieval learns what reading needs: while training, a distillation loss pulls each token's
+retrieval distribution (softmax of its scores over the eligible traces) towards where its
+attention actually went (the attention mass per trace, detached), weighted by how much it
+read from memory. Without it, a top-k retrieval at evaluation misses traces that attention
+over *all* traces (training) found.
+
 Attention logit of query token t for trace m, trace token s, head h:
     τ_h · cos(q_th, k_msh)  +  retrieval_scale · cos(q_t, key_m)
 over the tokens of the traces t retrieved; the token-level keys come from trace token s and the
@@ -44,6 +50,7 @@ class ReadStats:
     hits: torch.Tensor  # mean number of traces a token retrieved
     gate: torch.Tensor  # tanh gate value
     memory_mass: torch.Tensor  # attention mass on memory (not the null slot), mean over tokens
+    retrieval_loss: torch.Tensor | None = None  # the distillation loss (training only)
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
@@ -65,6 +72,7 @@ class MemoryReader(nn.Module):
         self.log_temperature = nn.Parameter(torch.full((H,), math.log(cfg.temperature_init)))
         self.null_key = nn.Parameter(torch.randn(H, cfg.key_dim // H) / math.sqrt(cfg.key_dim // H))
         self.recency = nn.Parameter(torch.zeros(H))  # logit slope per session of a trace's age
+        self.log_retrieval_scale = nn.Parameter(torch.tensor(math.log(20.0)))  # distillation
         self.gate_param = nn.Parameter(torch.tensor(math.atanh(cfg.gate_init)))
         for lin in (self.retrieval_query, self.token_key, self.token_value):
             nn.init.normal_(lin.weight, std=1 / math.sqrt(d_model))
@@ -111,10 +119,11 @@ class MemoryReader(nn.Module):
         B, T, D = h_BTD.shape
         H = cfg.heads
         dh, dv = cfg.key_dim // H, cfg.value_dim // H
-        tau = self.log_temperature.exp().to(h_BTD.dtype)[None, :, None]  # (1, H, 1)
-        q = F.normalize(self.token_key(_norm(h_BTD)).view(B, T, H, dh), dim=-1)
+        tau = self.log_temperature.exp().to(h_BTD.dtype)[None, None, :, None]  # (1, 1, H, 1)
+        # the temperature scales the unit queries (cheaper than scaling every logit)
+        q = F.normalize(self.token_key(_norm(h_BTD)).view(B, T, H, dh), dim=-1) * tau
         null_k = F.normalize(self.null_key, dim=-1).to(q.dtype)
-        null_logit = tau * torch.einsum("bthd,hd->bht", q, null_k)
+        null_logit = torch.einsum("bthd,hd->bht", q, null_k)
         if not cfg.null_kv:  # no null slot: a token that retrieved nothing reads zeros
             null_logit = torch.full_like(null_logit, float("-inf"))
         M = cand.n_traces
@@ -122,9 +131,11 @@ class MemoryReader(nn.Module):
             zero = h_BTD.new_zeros((), dtype=torch.float32)
             return h_BTD, ReadStats(zero, self.gate().detach(), zero)
         mk, mv = self._memory_keys_values(cand, h_BTD.dtype)
-        S1 = mk.shape[2]
         valid = cand.mask_BMS[:, :, :-1] & cand.mask_BMS[:, :, 1:]  # (B, M, S1)
-        logits = tau[..., None, None] * torch.einsum("bthd,bmshd->bhtms", q, mk)
+        if cand.row_index is not None:  # projected once per memory row, read by many
+            mk, mv, valid = (t.index_select(0, cand.row_index) for t in (mk, mv, valid))
+        S1 = mk.shape[2]
+        logits = torch.einsum("bthd,bmshd->bhtms", q, mk)
         cos = torch.einsum("btk,bmk->btm", q_BTK, cand.key_BMK.to(q_BTK.dtype))
         bias = (self.retrieval_scale * cos)[:, None]  # (B, 1, T, M)
         recency = self.recency[None, :, None, None] * cand.age_BM.to(bias.dtype)[:, None, None]
@@ -132,11 +143,29 @@ class MemoryReader(nn.Module):
         allowed = cand.selected_BTM[:, None, :, :, None] & valid[:, None, None]
         logits = logits.masked_fill(~allowed, float("-inf")).reshape(B, H, T, M * S1)
         full = torch.cat([logits, null_logit[..., None]], dim=-1)
-        attn = torch.softmax(full.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
+        attn = torch.softmax(full.float(), dim=-1)
+        if not cfg.null_kv:  # a token that retrieved nothing has only -inf logits
+            attn = attn.nan_to_num(0.0)
+        attn = attn.to(q.dtype)
         mem_attn = attn[..., :-1].view(B, H, T, M, S1)
         mem_out = torch.einsum("bhtms,bmshd->bhtd", mem_attn, mv)
         mass = 1 - attn[..., -1].detach().float().mean()
         y = self.out(mem_out.permute(0, 2, 1, 3).reshape(B, T, H * dv))
         g = self.gate()
         hits = cand.selected_BTM.sum(-1).float().mean()
-        return h_BTD + g.to(h_BTD.dtype) * y, ReadStats(hits, g.detach(), mass)
+        distill = self._retrieval_loss(mem_attn, cand) if torch.is_grad_enabled() and \
+            cand.scores_BTM.requires_grad else None
+        return h_BTD + g.to(h_BTD.dtype) * y, ReadStats(hits, g.detach(), mass, distill)
+
+    def _retrieval_loss(self, mem_attn_BHTMS: torch.Tensor, cand: Candidates) -> torch.Tensor:
+        """KL(attention mass per trace || softmax of retrieval scores), per token, weighted by
+        the token's memory mass (tokens that read nothing teach nothing)."""
+        target = mem_attn_BHTMS.detach().float().sum(-1).mean(1)  # (B, T, M)
+        weight = target.sum(-1)  # (B, T): attention mass on memory
+        p = target / weight.clamp_min(1e-9)[..., None]
+        scores = cand.scores_BTM.float()
+        # not selected: a large finite negative, so rows with nothing eligible stay finite
+        scores = scores.masked_fill(~torch.isfinite(scores), -1e4)
+        logq = torch.log_softmax(self.log_retrieval_scale.exp() * scores, dim=-1)
+        kl = (p * (torch.log(p.clamp_min(1e-9)) - logq)).sum(-1)
+        return (kl * weight).sum() / weight.sum().clamp_min(1e-9)

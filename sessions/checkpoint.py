@@ -86,7 +86,8 @@ def load_experiment_config(folder: Path):
     return from_plain(info["config"], str(folder))
 
 
-def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+def load(folder: Path, model: torch.nn.Module,
+         optimizer: torch.optim.Optimizer | None = None) -> int:
     """Load weights (and optimizer state) in place; returns the step."""
     folder = Path(folder)
     step = int(read_info(folder)["step"])

@@ -183,10 +183,8 @@ def _cmd_train(args) -> int:
                          "has no sessions to remember: train an experiment instead "
                          "(engram train configs/experiments/recall5.yaml)")
     from mhc import presets
-    from mhc.model import MHCModel
     from sessions import checkpoint
-    from sessions.objectives import LMObjective
-    from sessions.trainer import Trainer, plan_steps
+    from sessions.pipeline import train_backbone
 
     overrides = list(args.overrides) + ([f"train.out_dir={args.out}"] if args.out else [])
     if args.resume:
@@ -194,19 +192,8 @@ def _cmd_train(args) -> int:
         run = presets.build(presets.apply_overrides(base, overrides))
     else:
         run = presets.load(args.config, overrides)
-    import torch
-
-    objective = LMObjective(run, args.cache, quiet=args.quiet)
-    torch.manual_seed(run.train.seed)
-    model = MHCModel(run.model)
-    if not args.resume:
-        from dataclasses import replace
-
-        run = replace(run, train=plan_steps(model, objective, run.train))
     _print_params(run.model, args.quiet)
-    trainer = Trainer(model, objective, run.train, Path(run.train.out_dir), presets.to_plain(run),
-                      progress=not args.quiet)
-    result = trainer.fit(resume=args.resume)
+    result = train_backbone(run, args.resume, progress=not args.quiet, cache_dir=args.cache)
     summary = {"ffn": run.model.ffn.kind, "steps": result.step,
                "train_seconds": round(result.train_seconds, 1), "val": result.val,
                "checkpoint": str(result.out_dir / "checkpoint")}

@@ -179,6 +179,12 @@ class EpisodeObjective:
             read = next(iter(res.reads.values()))
             extras.update(gate=read.gate, memory_mass=read.memory_mass,
                           write_prob=torch.sigmoid(sal.detach().float()).mean())
+            distill = [r.retrieval_loss for r in res.reads.values()
+                       if r.retrieval_loss is not None]
+            if distill:
+                retrieval = sum(distill) / len(distill)
+                loss = loss + model.cfg.retrieval_coef * retrieval
+                extras["retrieval_loss"] = retrieval.detach()
         return StepOutput(loss, lm_loss.detach(), out.router_loss.detach(), out.layers, tokens,
                           extras)
 

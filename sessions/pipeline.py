@@ -21,7 +21,25 @@ from sessions.objectives import EpisodeObjective
 from sessions.report import summarize
 from sessions.runner import Arm, Runner
 from sessions.runs import write_json
-from sessions.trainer import Trainer, pick_device, plan_steps
+from sessions.trainer import Trainer, TrainResult, pick_device, plan_steps
+
+
+def train_backbone(run, resume: Path | None = None, progress: bool = True,
+                   cache_dir: Path = Path("cache")) -> TrainResult:
+    """``engram train CONFIG``: the backbone alone, next-byte prediction on text streams,
+    into ``run.train.out_dir``."""
+    from mhc import presets
+    from mhc.model import MHCModel
+    from sessions.objectives import LMObjective
+
+    objective = LMObjective(run, cache_dir, quiet=not progress)
+    torch.manual_seed(run.train.seed)
+    model = MHCModel(run.model)
+    if resume is None:
+        run = replace(run, train=plan_steps(model, objective, run.train))
+    trainer = Trainer(model, objective, run.train, Path(run.train.out_dir),
+                      presets.to_plain(run), progress=progress)
+    return trainer.fit(resume=resume)
 
 
 def build_model(exp: ExperimentConfig, memory: str) -> EngramModel:
@@ -50,7 +68,8 @@ def train_model(exp: ExperimentConfig, memory: str, out_dir: Path, progress: boo
     train_cfg = exp.train
     if resume and (ckpt / "config.json").is_file():
         info = checkpoint.read_info(ckpt)
-        train_cfg = from_plain(info["config"]).train
+        # the saved plan (steps chosen by a budget stay chosen); this call's stop_after
+        train_cfg = replace(from_plain(info["config"]).train, stop_after=exp.train.stop_after)
         if info["step"] >= train_cfg.steps:  # finished: reuse it
             checkpoint.load(ckpt, model)
             return model.to(pick_device(exp.train.device)), {

@@ -109,7 +109,7 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------
     def fit(self, resume: Path | None = None) -> TrainResult:
-        t, ckpt = self.train, self.out_dir / "checkpoint"
+        t = self.train
         self.out_dir.mkdir(parents=True, exist_ok=True)
         start = 0
         if resume is not None:

@@ -168,3 +168,22 @@ def test_without_null_slot_an_unretrieved_token_reads_zeros():
     mem = _memory(model, 2)
     out = model(idx, memory=mem, session=1).out.logits
     assert torch.isfinite(out).all() and not torch.allclose(out, model(idx).out.logits)
+
+
+def test_retrieval_distillation_trains_the_retriever_and_stays_finite():
+    torch.manual_seed(0)
+    model = EngramModel(_cfg(), EngramConfig(enabled=True))
+    idx = torch.randint(0, 256, (2, 24))
+    mem = _memory(model, 2)
+    # row 0 reads as session 1 (sees the traces), row 1 as session 0 (nothing eligible)
+    res = model(idx, memory=mem, session=torch.tensor([1, 0]), top_k=mem.size)
+    loss = next(iter(res.reads.values())).retrieval_loss
+    assert loss is not None and torch.isfinite(loss) and loss > 0
+    loss.backward()
+    reader = next(iter(model.readers.values()))
+    for name, p in [("retrieval query", reader.retrieval_query.weight),
+                    ("trace key", model.writer.key_proj.weight),
+                    ("scale", reader.log_retrieval_scale)]:
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    with torch.no_grad():
+        assert next(iter(model(idx, memory=mem, session=1).reads.values())).retrieval_loss is None

@@ -1,43 +1,81 @@
-"""The recall task: seeded episodes, answer positions point at the code's digits, evaluation
-facts never appear in training, and the write policies pick what they say."""
+"""The recall task: episodes are a pure function of (config, split, seed, index); evaluation
+facts never appear in training; every probe's answer is, by an independent reading of the
+episode's text, the newest code stated for its locker in an earlier session; paraphrased
+questions are never the fact's own sentence."""
 
-import torch
+import re
 
-from engram.config import EngramConfig
-from engram.write import select
+import pytest
+
+from sessions.tasks import build_task, task_spec
 from sessions.tasks.recall import EVAL_NAMES, TRAIN_NAMES, RecallTask
 
+FIVE = RecallTask(n_sessions=5, facts_per_session=2, updates_per_session=1,
+                  distractors_per_session=4, paraphrase=True)
+CODE = re.compile(r"locker ([A-Z]{2})\D*?(\d{4})\.$")
 
-def test_episodes_are_seeded_and_answers_located():
-    task = RecallTask(split="train", seed=4)
-    assert task.episode(3) == task.episode(3)
-    assert task.episode(3) != task.episode(4)
-    batch = task.batch(0, 6)
-    assert batch.write_BNS.shape == (6, task.n_segments, 40)
-    for b in range(6):
-        ep = task.episode(b)
-        digits = bytes(batch.targets_BS[b, batch.answer_pos_B4[b]].tolist()).decode()
-        assert digits == ep["code"]
-        assert int(batch.is_fact_BN[b].sum()) == task.n_facts
-        asked = int(batch.asked_BN[b].float().argmax())
-        assert bytes(batch.write_BNS[b, asked].tolist()).decode().strip() == ep["question"]
-        # the question is the asked fact's text: its inputs hold the code only as targets
-        assert torch.equal(batch.question_BS[b, 1:], batch.targets_BS[b, :-1])
+
+def test_episodes_are_pure_functions_of_their_arguments():
+    assert FIVE.episode("train", 3, 7) == FIVE.episode("train", 3, 7)
+    assert FIVE.episode("train", 3, 7) != FIVE.episode("train", 3, 8)
+    assert FIVE.episode("train", 3, 7) != FIVE.episode("train", 4, 7)
+    assert FIVE.episode("train", 3, 7) != FIVE.episode("eval", 3, 7)
+    assert RecallTask(n_sessions=5, paraphrase=True).episode("eval", 0, 1) != \
+        FIVE.episode("eval", 0, 1)
 
 
 def test_evaluation_facts_never_seen_in_training():
     assert not set(TRAIN_NAMES) & set(EVAL_NAMES)
-    train_names = {n for i in range(500) for n, _ in RecallTask(split="train").episode(i)["facts"]}
-    eval_names = {n for i in range(500) for n, _ in RecallTask(split="eval").episode(i)["facts"]}
-    assert train_names and eval_names and not train_names & eval_names
+
+    def names(split):
+        return {m.group(1) for i in range(300) for s in FIVE.episode(split, 0, i).sessions
+                for c in s.context if (m := CODE.search(c))}
+
+    train, evaluation = names("train"), names("eval")
+    assert train and evaluation and not train & evaluation
 
 
-def test_write_policies():
-    cfg = EngramConfig(write_budget=0.3, write_threshold=0.5)
-    sal = torch.tensor([0.1, 3.0, -2.0, 2.0, 0.0, -1.0, 1.0, -3.0, 0.5, -0.5])
-    assert select(sal, cfg, "budget").nonzero().flatten().tolist() == [1, 3, 6]
-    assert select(sal, cfg, "threshold").tolist() == (torch.sigmoid(sal) > 0.5).tolist()
-    g = torch.Generator().manual_seed(0)
-    rand = select(sal, cfg, "random", g)
-    assert int(rand.sum()) == 3
-    assert bool(select(sal, cfg, "all").all())
+@pytest.mark.parametrize("task", [FIVE, RecallTask(), RecallTask(n_sessions=3,
+                                                                  updates_per_session=2)])
+def test_answers_are_the_newest_earlier_statement(task):
+    updated = distances = 0
+    for i in range(100):
+        ep = task.episode("eval", 1, i)
+        assert [s.id for s in ep.sessions] == [f"s{k + 1}" for k in range(task.n_sessions)]
+        latest: dict[str, tuple[str, int, str]] = {}  # name -> (code, session, segment id)
+        for s_idx, sess in enumerate(ep.sessions):
+            for p in sess.probes:  # read before this session's own statements
+                name = re.search(r"locker ([A-Z]{2})", p.prompt).group(1)
+                code, where, seg = latest[name]
+                assert p.answer == code and p.evidence == (seg,)
+                assert p.tags["distance"] == s_idx - where
+                assert p.prompt.strip() not in {c.split(code)[0].strip() for c in sess.context}
+                updated += p.tags["updated"]
+                distances += 1
+            for j, c in enumerate(sess.context):
+                if m := CODE.search(c):
+                    latest[m.group(1)] = (m.group(2), s_idx, f"{sess.id}/{j}")
+        assert len(ep.sessions[-1].probes) == (task.n_sessions - 1) * task.questions_per_session
+    assert distances and (updated or not task.updates_per_session)
+
+
+def test_paraphrase_questions_differ_from_the_fact_sentence():
+    for i in range(50):
+        ep = FIVE.episode("eval", 0, i)
+        facts = [c for s in ep.sessions for c in s.context]
+        for s in ep.sessions:
+            for p in s.probes:
+                assert not any(f.startswith(p.prompt) for f in facts)
+    plain = RecallTask().episode("eval", 0, 0)
+    p = plain.sessions[1].probes[0]
+    assert any(c == p.prompt + p.answer + "." for c in plain.sessions[0].context)
+
+
+def test_task_sections_are_checked():
+    assert task_spec(build_task({"name": "recall", "n_sessions": 5}))["n_sessions"] == 5
+    with pytest.raises(ValueError, match="task.name"):
+        build_task({"name": "nope"})
+    with pytest.raises(ValueError, match="task.sessions"):
+        build_task({"name": "recall", "sessions": 5})
+    with pytest.raises(ValueError, match="n_sessions"):
+        build_task({"name": "recall", "n_sessions": 1})

@@ -1,9 +1,11 @@
-"""Training: resume equals uninterrupted (CPU, deterministic), checkpoints are checked, the
-CLI trains the debug preset, and data preparation splits the corpus as documented."""
+"""The one trainer: resume equals uninterrupted (CPU, deterministic) for text streams and for
+episodes, checkpoints are checked, a wall-clock budget only sets the step count, the CLI
+trains the debug preset, and data preparation splits the corpus as documented."""
 
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,17 @@ import torch
 from mhc import presets
 from mhc.model import MHCModel
 from sessions import checkpoint, cli, data, synthetic
-from sessions.train import train
+from sessions.experiment import load_experiment
+from sessions.objectives import EpisodeObjective
+from sessions.pipeline import build_model, train_backbone, train_model
+from sessions.runs import read_jsonl
+from sessions.trainer import plan_steps
+
+SMOKE = str(Path(__file__).resolve().parents[2] / "configs" / "experiments" / "smoke.yaml")
+
+
+def train(run, resume=None, progress=False):
+    return train_backbone(run, resume, progress=progress)
 
 
 def _run(tmp_path, name, steps, extra=()):
@@ -34,6 +46,12 @@ def test_resume_equals_uninterrupted(tmp_path, kind):
     assert resumed.step == N + M
     assert resumed.last_loss == straight.last_loss
     assert resumed.val == straight.val
+    def rows(name):  # logged window means, without timings, of windows both runs share
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")}
+                for r in read_jsonl(tmp_path / name / "metrics.jsonl")
+                if "loss" in r and r["step"] in (5, N + M)]
+
+    assert rows("split") == rows("straight") and len(rows("straight")) == 2
     a, b = MHCModel(resumed_cfg.model), MHCModel(resumed_cfg.model)
     checkpoint.load(tmp_path / "straight" / "checkpoint", a)
     checkpoint.load(tmp_path / "split" / "checkpoint", b)
@@ -41,6 +59,36 @@ def test_resume_equals_uninterrupted(tmp_path, kind):
         assert torch.equal(x, y), name
     biases = [v for k, v in a.state_dict().items() if k.endswith("bias_R")]
     assert any(bool(v.abs().sum() > 0) for v in biases)  # the balancing buffers moved
+
+
+def test_episode_training_resumes_exactly(tmp_path):
+    exp = load_experiment(SMOKE, ["train.steps=8", "train.checkpoint_every=4",
+                                  "train.log_every=2", "train.eval_every=1000"])
+    straight, _ = train_model(exp, "on", tmp_path / "straight", progress=False)
+    split = load_experiment(SMOKE, ["train.steps=8", "train.checkpoint_every=4",
+                                    "train.log_every=2", "train.eval_every=1000",
+                                    "train.stop_after=4"])
+    train_model(split, "on", tmp_path / "split", progress=False)
+    assert checkpoint.read_info(tmp_path / "split" / "checkpoint")["step"] == 4
+    resumed, info = train_model(exp, "on", tmp_path / "split", progress=False, resume=True)
+    assert info["steps"] == 8
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(),
+                              strict=True):
+        assert torch.equal(a, b), k
+    # a finished run is reused, not retrained
+    again, info = train_model(exp, "on", tmp_path / "split", progress=False, resume=True)
+    assert info["steps"] == 8 and torch.equal(
+        next(again.parameters()), next(resumed.parameters()))
+
+
+def test_wall_clock_budget_only_sets_the_step_count():
+    exp = load_experiment(SMOKE, ["train.max_minutes=0.05"])
+    model = build_model(exp, "on")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    planned = plan_steps(model, EpisodeObjective(exp, 0), exp.train)
+    assert planned.steps >= 1 and planned.max_minutes == 0.0
+    for k, v in model.state_dict().items():  # timing ran on a copy
+        assert torch.equal(v, before[k]), k
 
 
 def test_checkpoint_step_mismatch_is_detected(tmp_path):
@@ -62,6 +110,8 @@ def test_cli_train_and_eval_debug(tmp_path, capsys):
                      "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 3 and set(summary["val"]) == {"arithmetic", "code", "prose"}
+    assert cli.main(["train", "debug", "--memory", "on", "--quiet"]) == 2
+    assert "no sessions to remember" in capsys.readouterr().err
     assert (out / "checkpoint" / "model.safetensors").is_file()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["final"] and rows[-1]["val"] == summary["val"]
