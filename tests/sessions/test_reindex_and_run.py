@@ -1,8 +1,7 @@
 """Stale keys: traces written by one model are re-keyed from their stored text by
-``engram traces reindex`` with another checkpoint; ``engram run`` drives episodes through a
-real store; ``engram traces`` reaches the store CLI."""
+``engram traces reindex`` with another checkpoint. (``engram run`` through a real store and
+``engram traces --run``: tests/sessions/test_platform.py.)"""
 
-import json
 
 import numpy as np
 import torch
@@ -13,7 +12,7 @@ from engram.model import EngramModel, model_version
 from memory_store import Trace
 from memory_store.store import TraceStore
 from mhc import presets
-from sessions import cli, reindex
+from sessions import reindex
 from sessions.reindex import reindex_store
 
 
@@ -72,24 +71,3 @@ def test_reindex_recomputes_keys_from_text(tmp_path, monkeypatch):
         q = retrieval_query(new.encode_traces(torch.tensor([list(texts[0].encode())])).key_NK)
         _, hits = store.search_latent(q.detach().numpy(), {"namespace": "ns"}, k=1, exact=True)
         assert hits[0, 0] == ids[0]  # the new key finds its own trace first
-
-
-def test_cli_ablate_run_and_traces(tmp_path, capsys):
-    out = tmp_path / "abl"
-    assert cli.main(["ablate", "debug", "model.seq_len=48", "--minutes", "0", "--steps", "3",
-                     "--eval-episodes", "4", "--out", str(out), "--quiet"]) == 0
-    summary = json.loads((out / "ablation.json").read_text())
-    row = summary["seeds"][0]
-    assert row["steps"] == 3 and set(row) >= {"no-memory", "trained-off", "on (learned 30%)",
-                                              "on (random 30%)", "on (write all)"}
-    capsys.readouterr()
-    store = tmp_path / "store"
-    assert cli.main(["run", "--checkpoint", str(out / "checkpoint"), "--store", str(store),
-                     "--episodes", "3", "--quiet"]) == 0
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert res["episodes"] == 3 and res["traces_in_store"] == 3 * 3  # 30% of 10 segments
-    assert cli.main(["traces", "list", "--store", str(store), "--json"]) == 0
-    listed = capsys.readouterr().out
-    assert "recall-0-0" in listed
-    assert cli.main(["traces", "verify", "--store", str(store)]) == 0
-    assert cli.main(["traces", "show", "--store", str(tmp_path / "missing"), "1"]) == 2
