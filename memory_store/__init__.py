@@ -16,12 +16,19 @@ Manifold-Constrained Hyper-Connections). This package never imports model code.
                                                       hide_superseded=True))
         store.delete(["s1/0"], namespace="user1"); store.compact()
 
+Idempotent writes: give each trace a stable ``external_id`` (any string of at most 256
+UTF-8 bytes, unique in its namespace; a session runner can use ``f"{session}/{segment}"``)
+and, when known, ``happened_at`` (ISO 8601 or epoch seconds). Adding a trace whose external
+id the namespace already holds replaces it (same internal id, ``version`` + 1), so re-running
+a session leaves the store as one run would. ``store.resolve(ns, external_ids)`` gives the
+internal ids; ``store.delete(ids_or_external_ids, namespace=ns)`` forgets them.
+
 Modules: ``errors`` (typed errors), ``records`` (Trace + validation), ``codec`` (record
 bytes), ``timefmt`` (ISO 8601 times), ``layout`` (LMDB layout), ``changes`` (change log),
-``index`` / ``ann`` (exact and FAISS scoped vector index), ``lexical`` (BM25), ``documents``
-(indexed text, fusion), ``embedder`` (offline MiniLM), ``scope`` (Scope, Hit), ``store`` /
-``writes`` / ``search`` / ``maintenance`` / ``transfer`` (TraceStore), ``cli``
-(``python -m memory_store``, ``engram traces``).
+``index`` / ``ann`` / ``index_io`` (exact and FAISS scoped vector index, its files),
+``lexical`` (BM25), ``documents`` (indexed text, fusion), ``embedder`` (offline MiniLM),
+``scope`` (Scope, Hit), ``store`` / ``writes`` / ``forget`` / ``search`` / ``maintenance`` /
+``transfer`` (TraceStore), ``cli`` (``python -m memory_store``, ``engram traces``).
 """
 
 from .documents import TextConfig

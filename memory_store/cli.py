@@ -125,13 +125,14 @@ def cmd_ingest(args) -> int:
                 t = _parse_line(obj, lineno, maxc, ld)
                 if ld is None and t.latent_key is not None:
                     ld = len(t.latent_key)
-                for seen, key, what in ((seen_id, t.id, "trace_id"),
-                                        (seen_ext, (t.namespace, t.external_id), "external_id")):
-                    if key is not None and key != (t.namespace, None):
-                        if key in seen:
-                            raise InvalidInputError(f"line {lineno}: {what} repeats line "
-                                                    f"{seen[key]}", what)
-                        seen[key] = lineno
+                checks = [(seen_id, t.id, "trace_id")] if t.id is not None else []
+                if t.external_id is not None:
+                    checks.append((seen_ext, (t.namespace, t.external_id), "external_id"))
+                for seen, key, what in checks:
+                    if key in seen:
+                        raise InvalidInputError(f"line {lineno}: {what} repeats line "
+                                                f"{seen[key]}", what)
+                    seen[key] = lineno
                 traces.append(t)
         taken = store._read(lambda txn: [i for i in seen_id if txn.get(
             i.to_bytes(8, "big"), db=store._db("traces")) is not None])

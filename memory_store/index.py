@@ -21,18 +21,14 @@ selector of them. ``path_counts`` counts which path each search took (``exact``,
 ``exact-filtered``, ``ivf``, ``hnsw``), so tests and benchmarks can assert the path.
 
 Scores: inner product for metric ``ip``; negative squared L2 distance for ``l2`` (higher is
-always better). Saves are atomic: new files get generation-stamped names, are written to a
-temp name, fsync'ed and renamed, then ``manifest.json`` is replaced (temp + rename).
+always better). Saves and loads (atomic, CRC-checked files) are in ``index_io.py``.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
 
 import faiss
 import numpy as np
@@ -428,117 +424,18 @@ class SpaceIndex:
         return A.search(ann, q, k, self.cfg.metric, allowed, self.max_id, self.rows,
                         nprobe, ef)
 
-    # ---- persistence ----------------------------------------------------------------
+    # ---- persistence (index_io.py) --------------------------------------------------
     def save(self, directory: str, order: dict[Key, int]) -> None:
         """Merge delta into base (sorted by ``order``, then id), drop dead rows, and write
-        atomically."""
-        os.makedirs(directory, exist_ok=True)
-        self.ensure_ann()
-        vecs, ids, keys, rec, hap = self.all_rows()
-        rank = np.fromiter((order.get(key, -1) for key in keys), np.int64, len(keys))
-        keep = rank >= 0
-        perm = np.lexsort((ids, rank))
-        perm = perm[keep[perm]]
-        vecs, ids, rec, hap = np.ascontiguousarray(vecs[perm]), ids[perm], rec[perm], hap[perm]
-        skeys = [keys[p] for p in perm]
-        slices: dict[Key, tuple[int, int]] = {}
-        start = 0
-        for j in range(1, len(skeys) + 1):
-            if j == len(skeys) or skeys[j] != skeys[start]:
-                slices[skeys[start]] = (start, j)
-                start = j
-        g = self.generation
-        files: dict[str, int] = {}
+        atomically (see ``index_io.py``)."""
+        from .index_io import save_index
 
-        def put(name: str, write) -> None:
-            final = os.path.join(directory, name)
-            tmp = final + f".tmp{os.getpid()}"
-            write(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            files[name] = file_crc(tmp)
-            os.replace(tmp, final)
-
-        def save_npy(arr):
-            def w(path):
-                with open(path, "wb") as f:
-                    np.save(f, arr)
-            return w
-
-        put(f"vecs-{g}.npy", save_npy(vecs))
-        put(f"ids-{g}.npy", save_npy(ids))
-        put(f"times-{g}.npy", save_npy(np.stack([rec, hap]) if len(ids)
-                                       else np.zeros((2, 0), np.float64)))
-        ann_files, ann_dead = {}, {}
-        for j, (ns, ann) in enumerate(sorted(self.ann.items())):
-            name = f"ann-{g}-{j}.faiss"
-            put(name, lambda p, a=ann: faiss.write_index(a.index, p))
-            ann_files[ns] = name
-            ann_dead[ns] = sorted(ann.dead)
-        manifest = {"format": INDEX_FORMAT, "generation": g, "dim": self.dim,
-                    "kind": self.cfg.kind, "metric": self.cfg.metric, "max_id": self.max_id,
-                    "files": files, "ann": ann_files, "ann_dead": ann_dead,
-                    "slices": [[k[0], k[1], a, b] for k, (a, b) in slices.items()]}
-        tmp = os.path.join(directory, f"manifest.json.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(directory, "manifest.json"))
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        for name in os.listdir(directory):
-            if name != "manifest.json" and name not in files:
-                try:
-                    os.remove(os.path.join(directory, name))
-                except OSError:
-                    pass
-        del vecs
-        self.base_vecs = np.load(os.path.join(directory, f"vecs-{g}.npy"), mmap_mode="r")
-        self.base_ids, self.base_rec, self.base_hap, self.slices = ids, rec, hap, slices
-        self.base_dead, self.dead_by_key = None, {}
-        self._base_sorted = self._starts = None
-        self._delta, self._pending = self._empty_delta(), []
-        self.codes, self.delta_counts = {}, {}
-        self.saved_generation = g
+        save_index(self, directory, order)
 
     @classmethod
     def load(cls, directory: str, cfg: IndexConfig, dim: int) -> SpaceIndex | None:
-        """Load a saved index, or None if it is missing, of another config or format, or
+        """A saved index, or None if it is missing, of another config or format, or
         corrupt."""
-        path = os.path.join(directory, "manifest.json")
-        try:
-            with open(path) as f:
-                m = json.load(f)
-            if (m.get("format"), m["dim"], m["kind"], m["metric"]) != (
-                    INDEX_FORMAT, dim, cfg.kind, cfg.metric):
-                return None
-            for name, crc in m["files"].items():
-                if file_crc(os.path.join(directory, name)) != crc:
-                    return None
-            g = m["generation"]
-            vecs = np.load(os.path.join(directory, f"vecs-{g}.npy"), mmap_mode="r")
-            ids = np.load(os.path.join(directory, f"ids-{g}.npy"))
-            times = np.load(os.path.join(directory, f"times-{g}.npy"))
-            if vecs.shape != (len(ids), dim) or times.shape != (2, len(ids)):
-                return None
-            ix = cls.from_sorted(dim, cfg, g, vecs, ids, times[0], times[1],
-                                 {(a, b): (s, e) for a, b, s, e in m["slices"]})
-            for ns, name in m["ann"].items():
-                ix.ann[ns] = A.NamespaceANN(faiss.read_index(os.path.join(directory, name)),
-                                            cfg.kind, set(m["ann_dead"].get(ns, [])))
-            ix.max_id = max(ix.max_id, int(m["max_id"]))
-            ix.saved_generation = g
-            return ix
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError):
-            return None
+        from .index_io import load_index
 
-
-def describe(ix: SpaceIndex | None) -> dict[str, Any]:
-    """Row counts and ANN namespaces of an index (for ``stats``)."""
-    if ix is None:
-        return {"rows": 0}
-    return {"rows": ix.rows, "generation": ix.generation, "ann_namespaces": sorted(ix.ann)}
+        return load_index(cls, directory, cfg, dim)

@@ -251,9 +251,10 @@ class SearchMixin:
                 r = np.asarray(rows)
                 filt = self._filter(scope)
                 kk = int(k)
-                while True:
-                    s, i = ix.search(q[r], keys, kk + newest_first, exact=exact, nprobe=nprobe,
-                                     ef_search=ef_search, whole_namespace=whole, filt=filt)
+                while True:  # newest_first asks one more, to see whether the k-th is tied
+                    s, i = ix.search(q[r], keys, kk + 1 if newest_first else kk, exact=exact,
+                                     nprobe=nprobe, ef_search=ef_search, whole_namespace=whole,
+                                     filt=filt)
                     if not newest_first or kk >= ix.scope_rows(keys) or not (
                             (i[:, kk] >= 0) & (s[:, kk] == s[:, k - 1])).any():
                         break

@@ -22,8 +22,9 @@ that passes ``Trace(ns, session, text, ..., external_id=f"{session}/{segment_ind
 happened_at=when)`` can re-run a session and get the same store. ``resolve(ns, external_ids)``
 maps them to internal ids (for ``get`` / ``delete``).
 
-Writing lives in ``writes.py``, searching in ``search.py`` and maintenance (verify,
-export/import, rebuild) in ``maintenance.py``; all three are mixed into this class.
+Writing lives in ``writes.py``, deleting in ``forget.py``, searching in ``search.py``,
+maintenance (verify, rebuild, compact) in ``maintenance.py`` and export/import in
+``transfer.py``; all are mixed into this class.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from .errors import (
     UnknownTraceError,
     WriterLockedError,
 )
+from .forget import ForgetMixin
 from .index import IndexConfig, SpaceIndex
 from .maintenance import MaintenanceMixin
 from .records import Trace, check_external_id, check_name
@@ -68,7 +70,7 @@ def _config(cls, stored: dict[str, Any]):
 VEC_DB = {"text": "text_vec", "latent": "latent_vec"}
 
 
-class TraceStore(WriteMixin, SearchMixin, MaintenanceMixin):
+class TraceStore(WriteMixin, ForgetMixin, SearchMixin, MaintenanceMixin):
     """Open with :meth:`open` (a context manager); see the module docstring."""
 
     def __init__(self, path: str, env: L._Env, writable: bool, lock_fd: int | None,
