@@ -287,8 +287,9 @@ class SpaceIndex:
                 np.concatenate([bi, di]), keys, np.concatenate([br, dr]),
                 np.concatenate([bh, dh]))
 
-    def ensure_ann(self, only: str | None = None) -> None:
-        """Build missing ANN indexes for namespaces that reached ``ann_min_rows``."""
+    def ensure_ann(self, only: str | None = None, rows=None) -> None:
+        """Build missing ANN indexes for namespaces that reached ``ann_min_rows``
+        (``rows``: ``all_rows()`` when the caller already has them)."""
         if self.cfg.kind == "flat":
             return
         counts: dict[str, int] = {}
@@ -297,10 +298,12 @@ class SpaceIndex:
                 counts[key[0]] = counts.get(key[0], 0) + self.scope_rows([key])
         todo = [ns for ns, n in counts.items()
                 if ns not in self.ann and n >= max(self.cfg.ann_min_rows, 1)]
-        rows = self.all_rows() if todo else None
+        if not todo:
+            return
+        vecs, ids, keys = (rows or self.all_rows())[:3]
+        ns_of = np.asarray([k[0] for k in keys], dtype=object)
         for ns in todo:
-            vecs, ids, keys = rows[0], rows[1], rows[2]
-            sel = np.fromiter((k[0] == ns for k in keys), bool, len(keys))
+            sel = ns_of == ns
             self.ann[ns] = A.build(self.cfg.kind, self.dim, self.cfg.metric, vecs[sel],
                                    ids[sel], nlist=self.cfg.nlist, hnsw_m=self.cfg.hnsw_m,
                                    ef_construction=self.cfg.ef_construction)

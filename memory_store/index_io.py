@@ -24,13 +24,18 @@ def save_index(self: SpaceIndex, directory: str, order: dict[Key, int]) -> None:
     """Merge the delta into the base (sorted by ``order``, then id), drop dead rows, write
     every file atomically, then re-open the base memory-mapped."""
     os.makedirs(directory, exist_ok=True)
-    self.ensure_ann()
-    vecs, ids, keys, rec, hap = self.all_rows()
+    rows = self.all_rows()
+    self.ensure_ann(rows=rows)
+    vecs, ids, keys, rec, hap = rows
+    del rows
     rank = np.fromiter((order.get(key, -1) for key in keys), np.int64, len(keys))
     keep = rank >= 0
     perm = np.lexsort((ids, rank))
     perm = perm[keep[perm]]
-    vecs, ids, rec, hap = np.ascontiguousarray(vecs[perm]), ids[perm], rec[perm], hap[perm]
+    if len(perm) != len(ids) or (perm != np.arange(len(perm))).any():  # else: in order already
+        vecs, ids, rec, hap = np.ascontiguousarray(vecs[perm]), ids[perm], rec[perm], hap[perm]
+    else:
+        vecs = np.ascontiguousarray(vecs)
     skeys = [keys[p] for p in perm]
     slices: dict[Key, tuple[int, int]] = {}
     start = 0
