@@ -2,6 +2,7 @@
 
     python store_concurrency_worker.py writer STORE N NAMESPACE   # ingest N traces, batches of 1000
     python store_concurrency_worker.py reader STORE SEED          # query until STORE/../done exists
+    python store_concurrency_worker.py follow STORE COUNT         # search until COUNT traces
 
 Trace ``step`` j of a namespace has text ``f"{ns} step {j} word{j % 97}"``, so any process can
 check that a hit it got is a whole, committed trace. A reader prints one JSON line at the end:
@@ -90,8 +91,25 @@ def reader(path: str, seed: int) -> None:
                       "counts": sorted(counts)}), flush=True)
 
 
+def follow(path: str, count: int) -> None:
+    """A reader left open across the writer's compact: it must see the writes after it."""
+    with TraceStore.open(path, mode="r") as store:
+        print("open", len(store), flush=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            _, ids = store.search_latent(np.ones((1, DIM), np.float32), Scope("big"), k=5,
+                                         exact=True)
+            if len(store) == count and (ids >= 0).all():
+                print("saw", count, flush=True)
+                return
+            time.sleep(0.02)
+    print("timeout", flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "writer":
         writer(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    elif sys.argv[1] == "follow":
+        follow(sys.argv[2], int(sys.argv[3]))
     else:
         reader(sys.argv[2], int(sys.argv[3]))

@@ -94,3 +94,27 @@ def test_threads_share_one_store_while_it_writes(open_store, store_path):
         t.join()
     assert not errors, errors[:3]
     assert len(store) == 1500 and store.verify().ok
+
+
+def test_a_reader_follows_compaction(tmp_path):
+    """A reader process keeps its store open while the writer deletes, compacts (new LMDB
+    files) and writes again: it notices the new files and sees the writes after them."""
+    path = tmp_path / "store"
+    rng = np.random.default_rng(1)
+    with TraceStore.open(path, latent_dim=DIM) as store:
+        store.add([Trace("big", f"s{j % 3}", text_of("big", j), step=j,
+                         latent_key=rng.normal(size=DIM).astype(np.float32),
+                         text_embedding=rng.normal(size=TDIM).astype(np.float32))
+                   for j in range(3000)])
+    reader = _spawn("follow", path, 2000 + 500)
+    assert reader.stdout.readline().split()[0] == "open"
+    with TraceStore.open(path) as store:
+        store.delete_session("big", "s0")
+        store.compact()
+        store.add([Trace("big", "s9", text_of("big", j), step=j,
+                         latent_key=rng.normal(size=DIM).astype(np.float32),
+                         text_embedding=rng.normal(size=TDIM).astype(np.float32))
+                   for j in range(3000, 3500)])
+    out, err = reader.communicate(timeout=300)
+    assert reader.returncode == 0, err
+    assert out.strip().splitlines()[-1] == "saw 2500", out
