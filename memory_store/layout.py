@@ -39,6 +39,7 @@ import os
 import shutil
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -102,9 +103,18 @@ def _open_lmdb(lmdb_dir: str, writable: bool, map_size: int) -> tuple[lmdb.Envir
     # read-only directory (no lock file to write) reads without it
     lock = writable or os.access(lock_file, os.W_OK) or (
         not os.path.exists(lock_file) and os.access(lmdb_dir, os.W_OK))
-    env = lmdb.open(lmdb_dir, map_size=map_size, max_dbs=len(DB_NAMES) + 1,
-                    readonly=not writable, lock=lock, subdir=True, max_readers=512,
-                    create=writable)
+    for attempt in range(50):
+        try:
+            env = lmdb.open(lmdb_dir, map_size=map_size, max_dbs=len(DB_NAMES) + 1,
+                            readonly=not writable, lock=lock, subdir=True, max_readers=512,
+                            create=writable)
+            break
+        except lmdb.Error:
+            if attempt == 49 or os.path.exists(os.path.join(lmdb_dir, "data.mdb")):
+                raise
+            time.sleep(0.02)  # ``compact`` is swapping the files in: they are back at once
+    if writable:
+        env.reader_check()  # free the reader slots of processes that died
     dbs = {}
     try:
         for name in DB_NAMES:
@@ -136,11 +146,12 @@ class _Env:
             return -1
 
     def _follow_compaction(self) -> None:
-        """Reopen when ``compact`` (in any process) swapped in a new data file."""
-        if self._data_inode() == self.inode:
+        """Reopen when ``compact`` (in any process) swapped in a new data file (and not in
+        the instant of the swap, when there is none: the old snapshot is still consistent)."""
+        if self._data_inode() in (self.inode, -1):
             return
         with self.lock:
-            if self._data_inode() == self.inode:
+            if self._data_inode() in (self.inode, -1):
                 return
             self.retired.append(self.env)  # threads may still read the old snapshot
             self.env, self.dbs = _open_lmdb(self.lmdb_dir, self.writable, self.map_size)
