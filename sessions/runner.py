@@ -66,7 +66,10 @@ class Runner:
         self.model, self.arm, self.exp, self.out = model.eval(), arm, exp, Path(out_dir)
         self.device, self.progress = device, progress
         self.seq_len = exp.model.seq_len
-        self.policy = arm.policy or (model.cfg.write_policy if model.memory_enabled else None)
+        # evaluation-time knobs come from the experiment (also for a loaded checkpoint):
+        # top-k, write policy, budget and threshold
+        self.read_cfg = exp.engram
+        self.policy = arm.policy or exp.engram.write_policy
         self.version = model_version(model) if model.memory_enabled else "none"
         self.score_context = bool(getattr(exp.make_task("eval"), "score_context", False))
         self._store = None
@@ -195,7 +198,7 @@ class Runner:
         episode = (rows // n).tolist()
         with autocast(self.device):
             res = self.model(self._to(seg.idx_NS[rows]), memory=mem.rows(episode)
-                             if mem is not None else None, session=s)
+                             if mem is not None else None, session=s, top_k=self.read_cfg.top_k)
         nll = F.cross_entropy(res.out.logits.float().flatten(0, 1), targets.flatten(),
                               ignore_index=-100, reduction="none").view(targets.shape)
         bits = (nll.sum(-1) / LN2).tolist()
@@ -219,7 +222,7 @@ class Runner:
             if valid.numel():
                 gen = torch.Generator().manual_seed(zlib.crc32(
                     f"{self.exp.eval.seed}:{eps[b].namespace}:{s}".encode()))
-                keep[b, valid] = select(sal[b, valid], self.model.cfg, self.policy, gen).cpu()
+                keep[b, valid] = select(sal[b, valid], self.read_cfg, self.policy, gen).cpu()
         view = lambda t: t.view(B, n, *t.shape[1:])  # noqa: E731
         dates = [e.sessions[s].date if s < len(e.sessions) else None for e in eps]
         mem.write(TraceBatch(view(tr.key_NK), view(tr.hidden_NSD), view(tr.mask_NS),
@@ -233,7 +236,7 @@ class Runner:
         reader = mem.rows(probes.row_P) if mem is not None else None
         with autocast(self.device):
             res = self.model(self._to(probes.idx_PS), memory=reader,
-                             session=self._to(probes.session_P))
+                             session=self._to(probes.session_P), top_k=self.read_cfg.top_k)
         logits = res.out.logits.float()
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
                               reduction="none").view(targets.shape)
