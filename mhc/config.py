@@ -151,6 +151,10 @@ class TrainConfig:
     checkpoint_every: int = 500
     max_minutes: float = 0.0  # > 0: before training, time a few steps and set `steps` to fit
     compile: bool = False  # torch.compile the model (CUDA; see docs/benchmarks.md)
+    # capture the whole step (forward, backward, clip, AdamW, router biases, statistics) once
+    # in a CUDA graph and replay it: no per-step host overhead. CUDA only, and only for
+    # objectives with fixed batch shapes (text streams, not episodes): sessions/graph_step.py
+    cuda_graph: bool = False
     out_dir: str = "runs/default"
     device: str = "auto"
     threads: int = 0  # 0 = torch default
@@ -175,6 +179,8 @@ class TrainConfig:
             _fail(own, "data", f"unknown data {self.data!r}; one of shakespeare|synthetic|mixed")
         if self.device not in ("auto", "cpu", "cuda"):
             _fail(own, "device", f"unknown device {self.device!r}; one of auto|cpu|cuda")
+        if self.cuda_graph and self.device == "cpu":
+            _fail(own, "cuda_graph", "a CUDA graph needs a CUDA GPU, but device=cpu")
 
 
 @dataclass

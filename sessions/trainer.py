@@ -8,6 +8,8 @@ go through ``Trainer`` with an objective (``sessions.objectives``).
 * bf16 autocast on CUDA (fp32 master weights and optimizer state), gradient clipping,
   router-bias (aux-loss-free) balancing after every optimizer step, optional
   ``torch.compile`` (``train.compile=true``); batches are pinned and copied without blocking.
+  ``train.cuda_graph=true`` captures the whole step once and replays it
+  (``sessions.graph_step``: CUDA, fixed batch shapes).
 * No host synchronisation inside a step: losses, gradient norms, memory statistics and router
   loads are summed on the device and read every ``log_every`` steps into ``metrics.jsonl``.
 * Checkpoints (``checkpoint/``, atomic) every ``checkpoint_every`` steps and at the end; a
@@ -87,14 +89,26 @@ class Trainer:
         self.model = model.to(self.device)
         self.step_model = torch.compile(self.model) if train.compile else self.model
         self.optimizer = make_optimizer(self.model, train, self.device)
+        self.graph = None  # train.cuda_graph: the step captured once, replayed
+        if train.cuda_graph:
+            from sessions.graph_step import GraphStep
+
+            self.graph = GraphStep(self)
 
     # ---- one step ----------------------------------------------------------------------
     def _step(self, step: int):
-        t = self.train
-        lr = lr_at(t, step)
+        if self.graph is not None:
+            return self.graph.step(step)
+        lr = lr_at(self.train, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = move(self.objective.batch(step), self.device, non_blocking=True)
+        return (*self._compute(batch), lr)
+
+    def _compute(self, batch):
+        """Forward, backward, clip, optimizer step, router biases: ``(out, grad norm)``
+        (what ``sessions.graph_step`` captures)."""
+        t = self.train
         with autocast(self.device):
             out = self.objective.loss(self.step_model, batch)
         out.loss.backward()
@@ -105,7 +119,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         backbone_of(self.model).update_router_biases(out.layers)
-        return out, grad_norm, lr
+        return out, grad_norm
 
     # ---- the loop ----------------------------------------------------------------------
     def fit(self, resume: Path | None = None) -> TrainResult:
@@ -117,7 +131,7 @@ class Trainer:
         metrics_path = self.out_dir / "metrics.jsonl"
         _keep_rows_up_to(metrics_path, start)  # a resumed run rewrites what came after
         end = min(t.steps, t.stop_after) if t.stop_after else t.steps
-        acc = _Window(self.device)
+        acc = _Window(self.device) if self.graph is None else self.graph.window()
         began = time.perf_counter()
         last_loss, val = float("nan"), {}
         self.model.train()
@@ -220,12 +234,14 @@ def plan_steps(model: torch.nn.Module, objective, train: TrainConfig, n: int = 3
         return train
     probe = Trainer(copy.deepcopy(model), objective, replace(train, compile=False),
                     Path("."), {}, progress=False)
-    probe._step(0)
+    warm = 1 + (probe.graph.WARMUP if probe.graph is not None else 0)  # to the replays
+    for i in range(warm):
+        probe._step(i)
     if probe.device.type == "cuda":
         torch.cuda.synchronize()
     began = time.perf_counter()
     for i in range(n):
-        probe._step(1 + i)
+        probe._step(warm + i)
     if probe.device.type == "cuda":
         torch.cuda.synchronize()
     per_step = (time.perf_counter() - began) / n
