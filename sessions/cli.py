@@ -400,6 +400,19 @@ def _rewrite_run(argv: list[str]) -> list[str]:
     return out
 
 
+def _quiet_libraries() -> None:
+    """--quiet also silences the embedding model's loading bars."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="engram", formatter_class=RAW, epilog=MAIN_EPILOG,
@@ -427,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "quiet", False):
+        _quiet_libraries()
     if getattr(args, "store_cli", False) and args.func is not _cmd_reindex:
         from memory_store.cli import run
 
