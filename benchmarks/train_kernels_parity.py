@@ -11,7 +11,9 @@ final losses within 1 %. The two paths differ only by float summation order and 
 rounding, so the curves should agree far better than that; a selection flip shows as a jump.
 
     PYTHONUNBUFFERED=1 python benchmarks/train_kernels_parity.py [--preset small] \
-        [--steps 200] [--json out.json]
+        [--steps 200] [--json out.json] [train.cuda_graph=true ...]
+
+Trailing ``key=value`` arguments are passed to ``engram train`` for both runs.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_ABS, FINAL_REL = 0.05, 0.01
 
 
-def run_backend(backend: str, preset: str, steps: int, out: Path) -> list[float]:
-    env = dict(os.environ, MHC_KERNELS=backend, PYTHONPATH=str(ROOT))
+def run_backend(backend: str, preset: str, steps: int, out: Path,
+                overrides: list[str] = ()) -> list[float]:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, MHC_KERNELS=backend, PYTHONPATH=path)
     cmd = [sys.executable, "-m", "sessions", "train", preset, f"train.steps={steps}",
            "train.log_every=1", f"train.eval_every={steps + 1}", "train.max_minutes=0",
-           "--out", str(out), "--quiet", "--json"]
+           *overrides, "--out", str(out), "--quiet", "--json"]
     subprocess.run(cmd, env=env, cwd=ROOT, check=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
@@ -43,15 +47,17 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="debug", help="a preset or config file (debug, small)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--json", default=None)
+    ap.add_argument("overrides", nargs="*", help="key=value for engram train, both runs")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        curves = {b: run_backend(b, args.preset, args.steps, Path(tmp) / b)
+        curves = {b: run_backend(b, args.preset, args.steps, Path(tmp) / b, args.overrides)
                   for b in ("triton", "torch")}
     a, b = curves["triton"], curves["torch"]
     diffs = [abs(x - y) for x, y in zip(a, b, strict=True)]
     final_rel = abs(a[-1] - b[-1]) / abs(b[-1])
     ok = max(diffs) <= MAX_ABS and final_rel <= FINAL_REL
-    res = dict(preset=args.preset, steps=len(a), max_abs_diff=max(diffs),
+    res = dict(preset=args.preset, overrides=args.overrides, steps=len(a),
+               max_abs_diff=max(diffs),
                mean_abs_diff=sum(diffs) / len(diffs),
                final_triton=a[-1], final_torch=b[-1], final_rel_diff=final_rel,
                tolerance=dict(max_abs=MAX_ABS, final_rel=FINAL_REL), passed=ok, curves=curves)
