@@ -23,12 +23,12 @@ def _experts(sharing: str, dtype=torch.float64) -> Experts:
     cfg = FFNConfig(kind="hierarchical", hidden=FH, n_domains=G, n_components=C, k1=1, k2=2,
                     sharing=sharing, lowrank_rank=R)
     torch.manual_seed(0)
-    ex = Experts(D, cfg).to(dtype)
+    ex = Experts(D, cfg)
     with torch.no_grad():  # non-zero low-rank B so the delta is exercised
         for name, p in ex.named_parameters():
             if name.startswith("b_"):
                 p.normal_(0, 0.3)
-    return ex
+    return ex.to(dtype)  # the same values in every dtype
 
 
 def reference(ex: Experts, x_ND: torch.Tensor, counts_P: torch.Tensor) -> torch.Tensor:
