@@ -9,7 +9,8 @@ code is in the query's scope (filtering inside the search, never a post-filter).
 
 Documents may carry context fields whose term frequencies are down-weighted (BM25F style).
 The index is an in-memory cache built from LMDB per namespace on first use; like the vector
-index it records the LMDB generation (of its namespace) it reflects. It keeps each document's
+index it records the LMDB generation (of its namespace) it reflects, and appends to the
+namespace are applied to it in place (``search.py``). It keeps each document's
 times and speaker, so a search applies the scope's time window and hidden ids in the scoring
 loop, and hybrid search can find the traces of a speaker named in the query.
 """
@@ -57,7 +58,12 @@ def tokenize(text: str) -> list[str]:
 
 
 class BM25Index:
-    """Postings of one namespace: token -> (doc rows, term frequencies)."""
+    """Postings of one namespace: token -> (doc rows, term frequencies).
+
+    Rows are appended; ``remove`` marks a row dead (its terms leave the document
+    frequencies and the length statistics) and a replaced document is added again as a new
+    row, so statistics and scores always equal those of an index built from the live
+    documents alone. Ties are ordered by document id."""
 
     def __init__(self, k1: float = 1.2, b: float = 0.75):
         self.k1, self.b = k1, b
@@ -66,15 +72,25 @@ class BM25Index:
         self.lens: list[float] = []
         self.rec: list[float] = []
         self.hap: list[float] = []
-        self.speakers: dict[str, list[int]] = {}  # lowercased speaker -> doc rows
+        self.live: list[bool] = []
+        self.row_of: dict[int, int] = {}  # live document id -> row
+        self.speaker_of: dict[int, str] = {}  # live document id -> lowercased speaker
+        self.after: dict[int, list[int]] = {}  # id -> ids whose previous turns include it
+        self._row_toks: list[Counter] = []
+        self._df: Counter = Counter()
         self._post: dict[str, tuple[list[int], list[float]]] = {}
-        self._frozen: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+        self._frozen: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._dirty: set[str] = set()
+        self._stale = True
         self.generation = 0
 
     def add(self, doc_id: int, code: int, text: str,
             fields: list[tuple[str, float]] = (), recorded_at: float = 0.0,
             happened_at: float = math.nan, speaker: str | None = None) -> None:
-        """Index a document; the tokens of each ``(text, weight)`` field count ``weight``."""
+        """Index a document (replacing a live one of the same id); the tokens of each
+        ``(text, weight)`` field count ``weight``."""
+        if doc_id in self.row_of:
+            self.remove(doc_id)
         row = len(self.ids)
         toks: Counter = Counter(tokenize(text))
         for field_text, weight in fields:
@@ -86,71 +102,84 @@ class BM25Index:
         self.lens.append(sum(toks.values()))
         self.rec.append(recorded_at)
         self.hap.append(happened_at)
+        self.live.append(True)
+        self.row_of[doc_id] = row
         if speaker:
-            self.speakers.setdefault(speaker.lower(), []).append(row)
+            self.speaker_of[doc_id] = speaker.lower()
+        self._row_toks.append(toks)
+        post = self._post
         for tok, tf in toks.items():
-            rows, tfs = self._post.setdefault(tok, ([], []))
-            rows.append(row)
-            tfs.append(tf)
-        self._frozen = None
+            p = post.get(tok)
+            if p is None:
+                p = post[tok] = ([], [])
+            p[0].append(row)
+            p[1].append(tf)
+        self._df.update(toks.keys())
+        self._dirty.update(toks)
+        self._stale = True
+
+    def remove(self, doc_id: int) -> None:
+        row = self.row_of.pop(doc_id, None)
+        if row is None:
+            return
+        self.live[row] = False
+        self.speaker_of.pop(doc_id, None)
+        for tok in self._row_toks[row]:
+            self._df[tok] -= 1
+        self._row_toks[row] = Counter()
+        self._stale = True
 
     def _arrays(self):
-        if self._frozen is None:
-            self._frozen = {t: (np.asarray(r, np.int64), np.asarray(f, np.float32))
-                            for t, (r, f) in self._post.items()}
+        for tok in self._dirty:
+            rows, tfs = self._post[tok]
+            self._frozen[tok] = (np.asarray(rows, np.int64), np.asarray(tfs, np.float32))
+        self._dirty.clear()
+        if self._stale:
             self._ids = np.asarray(self.ids, np.int64)
             self._codes = np.asarray(self.codes, np.int32)
             self._rec = np.asarray(self.rec, np.float64)
             self._hap = np.asarray(self.hap, np.float64)
-            lens = np.asarray(self.lens, np.float32)
-            avg = float(lens.mean()) if len(lens) else 1.0
-            self._norm = self.k1 * (1 - self.b + self.b * lens / max(avg, 1e-9))
-            self._speaker_of = {}
-            for name, rows in self.speakers.items():
-                for r in rows:
-                    self._speaker_of[self.ids[r]] = name
+            self._live = np.asarray(self.live, bool)
+            lens = np.asarray(self.lens, np.float64)
+            avg = float(lens[self._live].mean()) if self._live.any() else 1.0
+            self._norm = (self.k1 * (1 - self.b + self.b * lens / max(avg, 1e-9))).astype(
+                np.float32)
+            self._stale = False
         return self._frozen
 
     def speaker_ids(self, query: str) -> set[int]:
         """Ids of the documents of the one speaker the query names (empty when it names
         none or several)."""
-        self._arrays()
         words = set(re.findall(r"[a-z0-9]+", query.lower()))
-        named = [s for s in self.speakers if set(re.findall(r"[a-z0-9]+", s)) <= words]
+        speakers = set(self.speaker_of.values())
+        named = [s for s in speakers if set(re.findall(r"[a-z0-9]+", s)) <= words]
         if len(named) != 1:
             return set()
-        return {i for i, s in self._speaker_of.items() if s == named[0]}
-
-    def times_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(recorded_at, happened_at) of documents by id."""
-        self._arrays()
-        pos = {i: r for r, i in enumerate(self.ids)}
-        rows = np.fromiter((pos[int(i)] for i in ids), np.int64, len(ids))
-        return self._rec[rows], self._hap[rows]
+        return {i for i, s in self.speaker_of.items() if s == named[0]}
 
     def search(self, query: str, scope_codes: np.ndarray, k: int,
                filt: RowFilter = NO_FILTER, keep_ties: bool = False
                ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, ids) among documents whose code is in ``scope_codes`` and that
+        """Top-k (scores, ids) among live documents whose code is in ``scope_codes`` and that
         pass ``filt``; documents sharing no query token are not returned. ``keep_ties``:
         also return the documents tied with the k-th."""
         post = self._arrays()
-        n = len(self.ids)
-        in_scope = np.isin(self._codes, scope_codes)
+        n = len(self.row_of)
+        in_scope = np.isin(self._codes, scope_codes) & self._live
         if filt.active:
             in_scope &= filt.mask(self._ids, self._rec, self._hap)
-        scores = np.zeros(n, np.float32)
-        hit = np.zeros(n, bool)
+        scores = np.zeros(len(self.ids), np.float32)
+        hit = np.zeros(len(self.ids), bool)
         for tok, qtf in Counter(tokenize(query)).items():
             p = post.get(tok)
-            if p is None:
+            if p is None or not self._df[tok]:
                 continue
             rows, tf = p
             keep = in_scope[rows]
             rows, tf = rows[keep], tf[keep]
             if not len(rows):
                 continue
-            df = len(p[0])
+            df = self._df[tok]
             idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
             scores[rows] += qtf * idf * tf * (self.k1 + 1) / (tf + self._norm[rows])
             hit[rows] = True
@@ -158,7 +187,7 @@ class BM25Index:
         if not len(cand):
             return np.zeros(0, np.float32), np.zeros(0, np.int64)
         s = scores[cand]
-        order = np.argsort(-s, kind="stable")
+        order = np.lexsort((self._ids[cand], -s))
         cut = min(k, len(order))
         if keep_ties:
             while cut < len(order) and s[order[cut]] == s[order[cut - 1]]:

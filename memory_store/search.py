@@ -271,10 +271,12 @@ class SearchMixin:
 
     # ---- lexical --------------------------------------------------------------------
     def _lexical(self, ns: str) -> BM25Index:
+        """The namespace's BM25 index: cached, brought up to date in place when only new
+        traces were added to the namespace since, else rebuilt from LMDB."""
         smap = self._session_map(ns)
         gen = self._sess_cache[ns][0]
         hit = self._lex.get(ns)
-        if hit is not None and hit.generation == gen:
+        if hit is not None and (hit.generation == gen or self._lex_append(hit, ns, smap, gen)):
             return hit
         tc = self.text_config
         ix = BM25Index(tc.bm25_k1, tc.bm25_b)
@@ -282,34 +284,81 @@ class SearchMixin:
 
         def fn(txn):
             heads: dict[int, dict] = {}
-            order = []
             cur = txn.cursor(db=dbs["members"])
             for info in sorted(smap.values(), key=lambda x: x.ordinal):
                 if cur.set_key(L.sess_key(ns, info.session)):
                     for raw in cur.iternext_dup(keys=False):
-                        i = L.key_id(raw)
-                        heads[i] = decode_header(txn.get(raw, db=dbs["traces"]))
-                        order.append((i, info.ordinal))
-            return heads, order
-        heads, order = self._read(fn)
-        after: dict[int, list[int]] = {}  # id -> the ids whose previous turns include it
-        for i, _ in order:
-            for dist, c in enumerate(reversed(heads[i]["cx"]), 1):
-                if c in heads and dist <= tc.next_turns:
-                    after.setdefault(c, []).append(i)
-        for i, code in order:
-            h = heads[i]
-            prev = [(heads[c]["t"], heads[c]["m"]) for c in h["cx"][len(h["cx"]) -
-                                                                  tc.context_turns:]
-                    if tc.context_turns and c in heads]
-            nxt = [(heads[c]["t"], heads[c]["m"]) for c in sorted(after.get(i, []))]
-            ix.add(i, code, lexical_document(h["t"], h["m"], tc),
-                   [(context_text(prev, tc), tc.context_weight),
-                    (context_text(nxt, tc), tc.next_weight)],
-                   h["c"] or 0.0, np.nan if h["h"] is None else h["h"], speaker_of(h["m"], tc))
+                        heads[L.key_id(raw)] = decode_header(txn.get(raw, db=dbs["traces"]))
+            return heads
+        heads = self._read(fn)
+        for i in heads:
+            self._link_next(ix, i, heads[i])
+        for i in heads:
+            self._lex_add(ix, i, heads, smap)
         ix.generation = gen
         self._lex[ns] = ix
         return ix
+
+    def _link_next(self, ix: BM25Index, i: int, h: dict) -> None:
+        """Record ``i`` as a next turn of the traces it follows (within ``next_turns``)."""
+        for dist, c in enumerate(reversed(h["cx"]), 1):
+            if dist <= self.text_config.next_turns:
+                ix.after.setdefault(c, []).append(i)
+
+    def _lex_add(self, ix: BM25Index, i: int, heads: dict[int, dict], smap) -> None:
+        """(Re)index trace ``i``: its document and its previous / next turn fields."""
+        tc = self.text_config
+        h = heads[i]
+        prev = [(heads[c]["t"], heads[c]["m"]) for c in h["cx"][len(h["cx"]) - tc.context_turns:]
+                if tc.context_turns and c in heads]
+        nxt = [(heads[c]["t"], heads[c]["m"]) for c in sorted(ix.after.get(i, [])) if c in heads]
+        ix.add(i, smap[h["s"]].ordinal, lexical_document(h["t"], h["m"], tc),
+               [(context_text(prev, tc), tc.context_weight),
+                (context_text(nxt, tc), tc.next_weight)],
+               h["c"] or 0.0, np.nan if h["h"] is None else h["h"], speaker_of(h["m"], tc))
+
+    def _lex_append(self, ix: BM25Index, ns: str, smap, gen: int) -> bool:
+        """Apply the traces added to ``ns`` since ``ix`` was built; False (rebuild) when the
+        namespace also saw deletes or rewrites, or the change log no longer reaches back."""
+        dbs = self._env.dbs
+        tc = self.text_config
+
+        def fn(txn):
+            plan = C.replay(txn, dbs, ix.generation, "text")
+            if plan is None or any(int(i) in ix.row_of for i in plan[0].tolist()):
+                return None
+            new = {}
+            for i in plan[1].tolist():
+                info = txn.get(L.id_key(i), db=dbs["info"])
+                if info is not None and L.decode_info(info)[2][0] == ns:
+                    new[i] = decode_header(txn.get(L.id_key(i), db=dbs["traces"]))
+            return new
+        new = self._read(fn)
+        if new is None:
+            return False
+        for i, h in new.items():
+            self._link_next(ix, i, h)
+        redo = set(new) | {c for h in new.values() for c in h["cx"][len(h["cx"]) -
+                                                                  tc.next_turns:]
+                           if tc.next_turns and c in ix.row_of}
+        want = set(redo) | {c for i in redo for c in ix.after.get(i, [])}
+
+        def heads_of(txn):
+            out = dict(new)
+
+            def fetch(ids):
+                for i in ids:
+                    raw = txn.get(L.id_key(i), db=dbs["traces"])
+                    if raw is not None:
+                        out[i] = decode_header(raw)
+            fetch(want - out.keys())
+            fetch({c for i in redo for c in out[i]["cx"]} - out.keys())  # previous turns
+            return out
+        heads = self._read(heads_of)
+        for i in sorted(redo):
+            self._lex_add(ix, i, heads, smap)
+        ix.generation = gen
+        return True
 
     # ---- text / hit-level search ----------------------------------------------------
     def search(self, query: Any, scope: Any, k: int = 10, space: str = "text",

@@ -116,9 +116,7 @@ class WriteMixin:
                    np.fromiter((t.recorded_at for t in rows), np.float64, len(rows)),
                    np.fromiter((np.nan if t.happened_at is None else t.happened_at
                                 for t in rows), np.float64, len(rows)), new_gen)
-        for ns in {t.namespace for t in vt}:
-            self._lex.pop(ns, None)
-        return ids
+        return ids  # cached lexical indexes catch up with these appends on their next use
 
     def _identify(self, vt: list[Trace], next_id: int) -> dict[int, dict]:
         """Assign internal ids in place; resolve external ids (upserts) and ``supersedes``.
