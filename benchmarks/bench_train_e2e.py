@@ -21,9 +21,6 @@ d 1024 and 16 heads. Models:
   flat_moe, group_limited, hierarchical, progressive
                   our MoE kinds (bias balancing on, so the bias update does real work;
                   progressive gets the streams' domain labels, so its label loss runs)
-  hierarchical:unfused
-                  hierarchical with the experts' gate and up projections as two grouped
-                  matmuls, as before they were fused (a measurement variant defined here)
   hf_llama        transformers LlamaForCausalLM, same shape, dense (intermediate 2048), tied
   hf_mixtral      transformers MixtralForCausalLM, same shape, 64 experts of width 512, top 4,
                   its default experts implementation (recorded in the row;
@@ -62,22 +59,19 @@ import sys
 import tempfile
 import time
 import traceback
-import types
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from mhc.config import FFNConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
 
 SHAPES = {"small": dict(d_model=512, n_heads=8), "d1024": dict(d_model=1024, n_heads=16)}
 BATCH, SEQ, LAYERS, WIDTH, G, C, K1, K2 = 32, 512, 8, 512, 8, 8, 2, 2
 OURS = ("dense", "flat_moe", "group_limited", "hierarchical", "progressive")
-VARIANTS = ("hierarchical:unfused",)
-MODELS = (*OURS, *VARIANTS, "hf_llama", "hf_mixtral")
+MODELS = (*OURS, "hf_llama", "hf_mixtral")
 MODES = ("eager", "compiled", "graph", "compiled-graph")
 PEAK_FLOPS = 989e12  # dense bf16, H100/H200 SXM datasheet
 
@@ -111,26 +105,12 @@ def build_trainer(name: str, shape: str, mode: str, out_dir: Path):
     from mhc.model import MHCModel
     from sessions.trainer import Trainer
 
-    kind, _, variant = name.partition(":")
-    run = RunConfig(model=model_config(kind, shape), train=train_config(mode))
+    run = RunConfig(model=model_config(name, shape), train=train_config(mode))
     torch.manual_seed(0)
     with torch.device("cuda"):  # initialise on the GPU: 0.4-0.8 B parameters
         model = MHCModel(run.model)
-    if variant == "unfused":
-        for block in model.blocks:
-            block.ffn.experts.forward = types.MethodType(_unfused_forward, block.ffn.experts)
     trainer = Trainer(model, objective_for(shape), run.train, out_dir, {}, progress=False)
     return trainer, params.count(run.model).active
-
-
-def _unfused_forward(self, x_ND, counts_P):
-    """``Experts.forward`` (sharing none) before the gate/up fusion: two grouped matmuls."""
-    from kernels.routing import ops
-
-    dt = x_ND.dtype
-    gate = ops.grouped_mm(x_ND, self._w("w_gate_PDF", dt), counts_P)
-    up = ops.grouped_mm(x_ND, self._w("w_up_PDF", dt), counts_P)
-    return ops.grouped_mm(F.silu(gate) * up, self._w("w_down_PFD", dt), counts_P)
 
 
 # ----------------------------------------------------------------------------- HF anchors

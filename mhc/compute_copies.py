@@ -14,8 +14,6 @@ have changed:
 
 Edits through ``.data`` escape both: call ``invalidate()`` after one. The copy's gradient
 reaches the master in the master's dtype (fp32 gradients, fp32 optimizer state).
-``compute_concat`` does the same for several masters side by side along the last dim (one
-copy, one matmul for the experts' gate and up projections; the gradient is split back).
 Under ``torch.compile`` or CUDA-graph capture the cast stays in the graph (once per forward):
 a compiled graph cannot ask whether a step happened, and a captured one must re-cast on every
 replay. Under inference mode nothing is cached (an inference tensor cannot join autograd).
@@ -42,29 +40,18 @@ def _install_hook() -> None:
         _hook = register_optimizer_step_post_hook(invalidate)
 
 
-class _Concat(torch.autograd.Function):
-    """The masters side by side along the last dim in ``dtype`` — the cached ``copy``, or
-    (``copy`` None: capture, inference) cast now, one pass per master with no intermediate —
-    and in the backward the gradient split back and cast to each master's dtype."""
+class _MasterGrad(torch.autograd.Function):
+    """The cached copy in the forward; its gradient, cast to the master's dtype, for the
+    master in the backward."""
 
     @staticmethod
-    def forward(ctx, copy, dtype, *masters):
-        ctx.dtypes = [m.dtype for m in masters]
-        ctx.widths = [m.shape[-1] for m in masters]
-        return copy if copy is not None else _concat_cast(masters, dtype)
+    def forward(ctx, master, copy):
+        ctx.dtype = master.dtype
+        return copy
 
     @staticmethod
     def backward(ctx, grad):
-        return (None, None, *(g.to(dt) for g, dt in
-                              zip(grad.split(ctx.widths, -1), ctx.dtypes, strict=True)))
-
-
-def _concat_cast(masters, dtype: torch.dtype) -> torch.Tensor:
-    first = masters[0]
-    out = first.new_empty(*first.shape[:-1], sum(m.shape[-1] for m in masters), dtype=dtype)
-    for part, m in zip(out.split([m.shape[-1] for m in masters], -1), masters, strict=True):
-        part.copy_(m.detach())
-    return out
+        return grad.to(ctx.dtype), None
 
 
 def compute_weight(cache: dict, name: str, master: torch.Tensor,
@@ -73,26 +60,15 @@ def compute_weight(cache: dict, name: str, master: torch.Tensor,
     valid, differentiable w.r.t. ``master``."""
     if master.dtype == dtype:
         return master
-    return compute_concat(cache, name, [master], dtype)
-
-
-def compute_concat(cache: dict, name: str, masters: list[torch.Tensor],
-                   dtype: torch.dtype) -> torch.Tensor:
-    """``torch.cat(masters, dim=-1)`` in ``dtype`` (e.g. gate and up projections side by side
-    for one matmul), cached like ``compute_weight``, differentiable w.r.t. every master."""
-    if torch.compiler.is_compiling():  # Inductor fuses the casts into the concatenation
-        return torch.cat([m.to(dtype) for m in masters], -1) if len(masters) > 1 else \
-            masters[0].to(dtype)
-    first = masters[0]
-    if torch.is_inference_mode_enabled() or (first.is_cuda and
-                                             torch.cuda.is_current_stream_capturing()):
-        return _Concat.apply(None, dtype, *masters)
+    if (torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
+            or (master.is_cuda and torch.cuda.is_current_stream_capturing())):
+        return master.to(dtype)
     _install_hook()
-    stamp = (_generation, dtype, *((m.data_ptr(), m._version, m.device) for m in masters))
+    stamp = (_generation, master.data_ptr(), master._version, master.device, dtype)
     hit = cache.get(name)
     if hit is None or hit[0] != stamp:
         with torch.no_grad():
-            hit = cache[name] = (stamp, _concat_cast(masters, dtype))
-    if torch.is_grad_enabled() and any(m.requires_grad for m in masters):
-        return _Concat.apply(hit[1], dtype, *masters)
+            hit = cache[name] = (stamp, master.detach().to(dtype))
+    if torch.is_grad_enabled() and master.requires_grad:
+        return _MasterGrad.apply(master, hit[1])
     return hit[1]

@@ -13,10 +13,7 @@ sharing:
 Every matmul goes through ``ops.grouped_mm`` (``torch._grouped_mm`` on CUDA bf16) in the
 dtype of the rows it receives: the FFN casts its input to the autocast dtype, and the fp32
 master weights are used through bf16 copies made once per optimizer step
-(``mhc.compute_copies``). The gate and up projections (and the low-rank A factors) run as one
-grouped matmul over their weights side by side, ``[W_gate | W_up]`` (D × 2F): the rows are
-read once, one launch instead of two in each direction, and the backward's two input
-gradients come out of one matmul already summed. The parameters stay separate.
+(``mhc.compute_copies``).
 
 Shape legend: N routed rows (expert-sorted), D model dim, F expert hidden, P = E slots, C
 components, r low rank.
@@ -31,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.routing import ops
-from mhc.compute_copies import compute_concat, compute_weight
+from mhc.compute_copies import compute_weight
 from mhc.config import FFNConfig
 
 
@@ -62,10 +59,6 @@ class Experts(nn.Module):
     def _w(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         return compute_weight(self._compute_copies, name, getattr(self, name), dtype)
 
-    def _side_by_side(self, names: tuple[str, str], dtype: torch.dtype) -> torch.Tensor:
-        return compute_concat(self._compute_copies, "|".join(names),
-                              [getattr(self, n) for n in names], dtype)
-
     def forward(self, x_ND: torch.Tensor, counts_P: torch.Tensor) -> torch.Tensor:
         """Rows sorted by slot with ``counts_P`` rows per slot → outputs in the same order
         and dtype."""
@@ -74,16 +67,14 @@ class Experts(nn.Module):
             counts_in = counts_P
         else:
             counts_in = counts_P.view(cfg.n_components, cfg.n_domains).sum(1)
-        dt, Fh = x_ND.dtype, cfg.hidden
-        gate_up = ops.grouped_mm(x_ND, self._side_by_side(("w_gate_PDF", "w_up_PDF"), dt),
-                                 counts_in)  # (N, 2F)
-        gate, up = gate_up[:, :Fh], gate_up[:, Fh:]
+        dt = x_ND.dtype
+        gate = ops.grouped_mm(x_ND, self._w("w_gate_PDF", dt), counts_in)
+        up = ops.grouped_mm(x_ND, self._w("w_up_PDF", dt), counts_in)
         if cfg.sharing == "lowrank":
-            r = cfg.lowrank_rank
-            xa = ops.grouped_mm(x_ND, self._side_by_side(("a_gate_PDr", "a_up_PDr"), dt),
-                                counts_P)  # (N, 2r)
-            gate = gate + ops.grouped_mm(xa[:, :r], self._w("b_gate_PrF", dt), counts_P)
-            up = up + ops.grouped_mm(xa[:, r:], self._w("b_up_PrF", dt), counts_P)
+            gate = gate + ops.grouped_mm(ops.grouped_mm(x_ND, self._w("a_gate_PDr", dt), counts_P),
+                                         self._w("b_gate_PrF", dt), counts_P)
+            up = up + ops.grouped_mm(ops.grouped_mm(x_ND, self._w("a_up_PDr", dt), counts_P),
+                                     self._w("b_up_PrF", dt), counts_P)
         return ops.grouped_mm(F.silu(gate) * up, self._w("w_down_PFD", dt), counts_P)
 
 
