@@ -45,6 +45,9 @@ class GraphStep:
             raise ValueError(f"train.cuda_graph=true needs a CUDA GPU; this run trains on "
                              f"{device.type} (train.device={trainer.train.device})")
         self.trainer, self.device = trainer, device
+        # warm-up and capture on one side stream: autograd's gradient accumulators keep the
+        # stream they were made on, and a mismatch would make backward synchronize streams
+        self.side = torch.cuda.Stream(device)
         self.lr = make_capturable(trainer.optimizer, trainer.train.lr, device)
         self.stats = _StaticStats()
         self.batch = None  # static device copy of the batch, made at the first step
@@ -79,11 +82,10 @@ class GraphStep:
         return out, grad_norm
 
     def _on_side_stream(self, fn):
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.side):
             result = fn()
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.current_stream(self.device).wait_stream(self.side)
         return result
 
     def _capture(self) -> None:
@@ -91,7 +93,7 @@ class GraphStep:
             raise RuntimeError("GraphStep: at least one eager warm-up step is needed")
         self.trainer.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=self.side):
             self.captured = self._body()
         self.graph = graph
 
