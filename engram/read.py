@@ -21,8 +21,12 @@ learned embedding of its byte. Queries and memory keys share
 one projection, so the same context in a trace and in the query lines up from the start;
 the token attention is cosine (QK-norm) with a learned per-head temperature τ, which keeps it
 sharp although residual-stream states at different positions are alike. A learned per-head
-recency slope times the trace's age in sessions is added to the logits, so a fact updated in a
-later session can win over its older value. A trace's values are
+recency slope times the trace's *relative* age is added to the logits, so a fact updated in a
+later session can win over its older value: relative to the retrieval-weighted mean age of
+what the token retrieved, and weighted by the trace's retrieval probability, so only traces
+that compete for the same query are ordered by time (an old fact with no newer rival is not
+penalised against newer, unrelated traces: ``recency="absolute"`` does that, ``"off"``
+disables the term). A trace's values are
 scaled by σ(salience_m): how much a trace can contribute is what trains the write gate (a
 bias on the attention logits would stop mattering once attention is sharp).
 
@@ -138,8 +142,7 @@ class MemoryReader(nn.Module):
         logits = torch.einsum("bthd,bmshd->bhtms", q, mk)
         cos = torch.einsum("btk,bmk->btm", q_BTK, cand.key_BMK.to(q_BTK.dtype))
         bias = (self.retrieval_scale * cos)[:, None]  # (B, 1, T, M)
-        recency = self.recency[None, :, None, None] * cand.age_BM.to(bias.dtype)[:, None, None]
-        logits = logits + (bias + recency).to(logits.dtype)[..., None]
+        logits = logits + (bias + self._recency(cand)).to(logits.dtype)[..., None]
         allowed = cand.selected_BTM[:, None, :, :, None] & valid[:, None, None]
         logits = logits.masked_fill(~allowed, float("-inf")).reshape(B, H, T, M * S1)
         full = torch.cat([logits, null_logit[..., None]], dim=-1)
@@ -156,6 +159,20 @@ class MemoryReader(nn.Module):
         distill = self._retrieval_loss(mem_attn, cand) if torch.is_grad_enabled() and \
             cand.scores_BTM.requires_grad else None
         return h_BTD + g.to(h_BTD.dtype) * y, ReadStats(hits, g.detach(), mass, distill)
+
+    def _recency(self, cand: Candidates) -> torch.Tensor:
+        """(B, H, T, M) logit bias from the traces' age in sessions (see the module doc)."""
+        age = cand.age_BM.float()[:, None, :]  # (B, 1, M)
+        slope = self.recency.float()[None, :, None, None]  # (1, H, 1, 1)
+        if self.cfg.recency == "off":
+            return torch.zeros((), device=age.device)
+        if self.cfg.recency == "absolute":
+            return slope * age[:, None]
+        scores = cand.scores_BTM.float()
+        scores = scores.masked_fill(~torch.isfinite(scores), -1e4)
+        p = torch.softmax(self.log_retrieval_scale.exp() * scores, dim=-1)  # (B, T, M)
+        relative = age - (p * age).sum(-1, keepdim=True)
+        return slope * (relative * p)[:, None]
 
     def _retrieval_loss(self, mem_attn_BHTMS: torch.Tensor, cand: Candidates) -> torch.Tensor:
         """KL(attention mass per trace || softmax of retrieval scores), per token, weighted by

@@ -5,7 +5,8 @@ Each batch row reads and writes one namespace. A write persists, per kept segmen
 ``latent_key``, the token-level hidden states as ``latent_value``, the segment's text (so keys
 can be recomputed when the model changes; the store embeds it for people's text queries), and
 meta: salience, valid-token count, bytes, model version, time, and the runner's external id
-(``"<session>/<segment>"``). A read is one batched, scoped, exact latent search per row (all
+(``"<session>/<segment>"``, also the trace's external id; the session's date is its
+``happened_at``). A read is one batched, scoped, exact latent search per row (all
 its query tokens at once), then one ``get`` of the union of hits.
 
 Reading traces written by another model version warns once (their keys are stale until
@@ -84,7 +85,8 @@ class StoreMemory:
                 traces.append(Trace(
                     namespace=self.namespaces[b], session=self._rows[b][session],
                     text=texts[b][j], step=j, latent_key=keys[b, j],
-                    latent_value=hidden[b, j, -valid:].numpy(), meta=meta))
+                    latent_value=hidden[b, j, -valid:].numpy(), meta=meta,
+                    external_id=meta.get("external_id"), happened_at=meta.get("happened_at")))
         if not traces:
             return np.zeros(0, dtype=np.int64)
         return self.store.add(traces)

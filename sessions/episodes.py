@@ -14,7 +14,15 @@ Episodes of your own come as JSON lines, one episode a line::
 
 ``date`` (ISO 8601), ``evidence`` (the context segments that answer a probe, as
 ``"<session id>/<segment index>"``: the external ids the runner gives traces) and ``tags``
-(free-form labels reports group by) are optional. ``read_episodes`` checks the whole file
+(free-form labels reports group by) are optional.
+
+A session may also ask the model to *generate* (``"generate": [{"prompt", "reference",
+"answer", "max_bytes", "stop"}]``): the runner decodes greedily from each prompt (reading
+memory like the rest of the session) until the stop string or ``max_bytes``, and ``prompt +
+generation`` becomes the session's next context segment — after its ``context``, so its id
+is ``"<session>/<len(context) + i>"`` — which the write policy may persist. Training uses
+``prompt + reference + stop`` as that segment instead (``with_references``). ``answer`` is
+the suffix a correct generation ends with (reports count how often it does). ``read_episodes`` checks the whole file
 before anything runs and raises ``EpisodeFileError`` naming the line and the field.
 """
 
@@ -23,12 +31,9 @@ from __future__ import annotations
 import datetime
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-from memory_store.errors import InvalidNameError
-from memory_store.records import check_name
 
 
 class EpisodeFileError(ValueError):
@@ -44,11 +49,41 @@ class Probe:
 
 
 @dataclass(frozen=True)
+class Generate:
+    """A prompt the runner decodes from greedily; ``prompt + generation`` becomes a context
+    segment (training uses ``prompt + reference + stop``)."""
+
+    prompt: str
+    reference: str  # the worked solution training teaches
+    answer: str = ""  # the suffix a correct generation ends with ("" = no check)
+    max_bytes: int = 128
+    stop: str = "\n"
+
+    def training_text(self) -> str:
+        return self.prompt + self.reference + self.stop
+
+
+@dataclass(frozen=True)
 class Session:
     id: str
     context: tuple[str, ...] = ()
     probes: tuple[Probe, ...] = ()
     date: str | None = None  # when the session happened (ISO 8601), if known
+    generate: tuple[Generate, ...] = ()  # prompts to generate from (segments after context)
+
+    @property
+    def n_segments(self) -> int:
+        """Context segments once the generations are added."""
+        return len(self.context) + len(self.generate)
+
+
+def with_references(episode: Episode) -> Episode:
+    """The episode as training sees it: every generation replaced by its reference."""
+    if not any(s.generate for s in episode.sessions):
+        return episode
+    return replace(episode, sessions=tuple(
+        replace(s, context=s.context + tuple(g.training_text() for g in s.generate),
+                generate=()) for s in episode.sessions))
 
 
 @dataclass(frozen=True)
@@ -62,6 +97,10 @@ class Episode:
             sess: dict[str, Any] = {"id": s.id, "context": list(s.context), "probes": []}
             if s.date is not None:
                 sess["date"] = s.date
+            if s.generate:
+                sess["generate"] = [{"prompt": g.prompt, "reference": g.reference,
+                                     "answer": g.answer, "max_bytes": g.max_bytes,
+                                     "stop": g.stop} for g in s.generate]
             for p in s.probes:
                 probe: dict[str, Any] = {"prompt": p.prompt, "answer": p.answer}
                 if p.evidence:
@@ -103,6 +142,10 @@ def _text(value: Any, where: str, path: str) -> str:
 
 
 def _name(kind: str, value: Any, where: str, path: str) -> str:
+    # the store's own name rule; imported here so training never needs faiss/lmdb
+    from memory_store.errors import InvalidNameError
+    from memory_store.records import check_name
+
     try:
         return check_name(kind, value)
     except InvalidNameError as err:
@@ -129,7 +172,7 @@ def episode_from_json(obj: Any, where: str = "episode") -> Episode:
     sessions, seen = [], set()
     for i, s in enumerate(raw_sessions):
         p = f"sessions[{i}]"
-        _keys(s, where, p, {"id", "context", "probes"}, {"date"})
+        _keys(s, where, p, {"id", "context", "probes"}, {"date", "generate"})
         sid = _name("session", s["id"], where, f"{p}.id")
         if sid in seen:
             _fail(where, f"{p}.id", f"session id {sid!r} appears twice in this episode")
@@ -152,9 +195,29 @@ def episode_from_json(obj: Any, where: str = "episode") -> Episode:
             probes.append(Probe(_text(q["prompt"], where, f"{pq}.prompt"),
                                 _text(q["answer"], where, f"{pq}.answer"), tuple(evidence), tags))
         date = _date(s["date"], where, f"{p}.date") if s.get("date") is not None else None
-        sessions.append(Session(sid, context, tuple(probes), date))
+        sessions.append(Session(sid, context, tuple(probes), date,
+                                _generate(s.get("generate", []), where, f"{p}.generate")))
     _check_evidence(sessions, where)
     return Episode(namespace, tuple(sessions))
+
+
+def _generate(raw: Any, where: str, path: str) -> tuple[Generate, ...]:
+    if not isinstance(raw, list):
+        _fail(where, path, "expected a list of {prompt, reference, ...} objects")
+    out = []
+    for j, g in enumerate(raw):
+        pg = f"{path}[{j}]"
+        _keys(g, where, pg, {"prompt", "reference"}, {"answer", "max_bytes", "stop"})
+        max_bytes = g.get("max_bytes", 128)
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1:
+            _fail(where, f"{pg}.max_bytes", f"expected a positive integer, got {max_bytes!r}")
+        for key in ("answer", "stop"):
+            if not isinstance(g.get(key, ""), str):
+                _fail(where, f"{pg}.{key}", "expected a string")
+        out.append(Generate(_text(g["prompt"], where, f"{pg}.prompt"),
+                            _text(g["reference"], where, f"{pg}.reference"),
+                            g.get("answer", ""), max_bytes, g.get("stop", "\n")))
+    return tuple(out)
 
 
 def _check_evidence(sessions: list[Session], where: str) -> None:
@@ -167,7 +230,7 @@ def _check_evidence(sessions: list[Session], where: str) -> None:
                     _fail(where, f"sessions[{i}].probes[{j}].evidence[{k}]",
                           f"{e!r} is not a context segment of an earlier session "
                           "('<session id>/<segment index>')")
-        earlier.update(segment_id(s.id, j) for j in range(len(s.context)))
+        earlier.update(segment_id(s.id, j) for j in range(s.n_segments))
 
 
 def read_episodes(path: str | Path) -> list[Episode]:

@@ -40,14 +40,18 @@ SECTIONS = ("model", "train", "engram", "task", "eval_task", "eval", "ablate", "
 
 
 def parse_arm(arm: str) -> tuple[str, str | None]:
-    """``off`` | ``trained-off`` | ``on`` | ``on:<write policy>`` -> (memory, policy)."""
+    """``off`` | ``trained-off`` | ``on`` | ``on:<write policy>`` | ``knn`` -> (memory, policy).
+    ``knn`` is the memory model reading every token of earlier sessions (``engram.knn_memory``:
+    no write policy, no compression)."""
+    if arm == "knn":
+        return "on", "all"
     if not isinstance(arm, str):
         raise ValueError(f"arm {arm!r}: expected a string such as off, trained-off, on:random")
     memory, _, policy = arm.partition(":")
     if memory not in MEMORY_MODES or (policy and (memory != "on" or policy not in
                                                   WRITE_POLICIES)):
-        raise ValueError(f"arm {arm!r}: expected off, trained-off, on or on:<policy> with "
-                         f"policy in {WRITE_POLICIES}")
+        raise ValueError(f"arm {arm!r}: expected off, trained-off, on, on:<policy> with "
+                         f"policy in {WRITE_POLICIES}, or knn")
     return memory, policy or None
 
 
@@ -153,8 +157,7 @@ def from_plain(data: dict, where: str = "experiment") -> ExperimentConfig:
         if key in train:
             raise ValueError(f"train.{key}: not used by experiments ({hint})")
     run = presets.build({"model": data.get("model", {}), "train": train})
-    task = data.get("task", {"name": "recall"})
-    build_task(task)  # validates the task section
+    task = task_spec(build_task(data.get("task", {"name": "recall"})))  # every field
     eval_task = data.get("eval_task", {})
     cls = TASKS[task["name"]]
     bad = sorted(set(eval_task) - set(task_fields(cls)))
@@ -174,10 +177,14 @@ def _section(cls, values: dict, name: str):
     if not isinstance(values, dict):
         raise ValueError(f"{name}: expected a mapping, got {values!r}")
     known = {f.name: f for f in fields(cls)}
+    values = dict(values)
     for key, value in values.items():
         if key not in known:
             raise ValueError(f"{name}.{key}: unknown field; known: {sorted(known)}")
-        _check_type(getattr(cls(), key), value, f"{name}.{key}")
+        default = getattr(cls(), key)
+        if isinstance(default, str) and isinstance(value, bool):  # YAML 1.1: off -> False
+            values[key] = value = "on" if value else "off"
+        _check_type(default, value, f"{name}.{key}")
     return cls(**values)
 
 
@@ -214,6 +221,8 @@ def apply_overrides(plain: dict, overrides: list[str]) -> dict:
                                  f"experiment ({', '.join(SECTIONS)})")
             node = node[part]
         last = path[-1]
+        if isinstance(node, dict) and isinstance(node.get(last), str):
+            value = text  # a string field takes the text as written (YAML reads off as False)
         if path[0] == "eval_task" and len(path) == 2:
             node[last] = value  # any field of the task (checked when the config is built)
             continue

@@ -96,8 +96,9 @@ def test_gradients_reach_query_key_value_and_gates():
     torch.manual_seed(0)
     model = EngramModel(_cfg(), EngramConfig(enabled=True))
     idx = torch.randint(0, 256, (2, 24))
-    mem = _memory(model, 2)
-    res = model(idx, idx, memory=mem, session=1)
+    mem = _memory(model, 2, n=6)
+    mem.session_BM[:, 3:] = 1  # traces of two sessions: ages 1 and 2 for a reader in session 2
+    res = model(idx, idx, memory=mem, session=2)
     (res.out.loss + model.writer.salience_loss(mem.salience_BM)).backward()
     reader = next(iter(model.readers.values()))
     for name, p in [("query/key", reader.token_key.weight), ("value", reader.token_value.weight),
