@@ -93,9 +93,15 @@ def write_outputs(out_dir: Path, result: dict, curves: dict) -> None:
     rows = result["rows"]
     arms = list(result["mean"])
     by_arm = {a: [r for r in rows if r["arm"] == a] for a in arms}
-    report.plot_ablation({a: [r["exact_match"] for r in rs] for a, rs in by_arm.items()},
-                         out_dir / "ablation.png")
-    report.plot_by(by_arm, "by_session", out_dir / "accuracy_by_session.png", "session")
+    if all("exact_match" in r for r in rows):
+        report.plot_ablation({a: [r["exact_match"] for r in rs] for a, rs in by_arm.items()},
+                             out_dir / "ablation.png")
+    elif all("context_bits_per_byte" in r for r in rows):  # tasks measured on their context
+        report.plot_ablation({a: [r["context_bits_per_byte"]["all"] for r in rs]
+                              for a, rs in by_arm.items()}, out_dir / "ablation.png",
+                             "context bits/byte")
+    if any(r.get("by_session") for r in rows):
+        report.plot_by(by_arm, "by_session", out_dir / "accuracy_by_session.png", "session")
     tags = sorted({t for r in rows for t in r.get("by_tag", {})})
     if "distance" in tags:
         report.plot_by(by_arm, "distance", out_dir / "accuracy_by_distance.png",
@@ -112,4 +118,8 @@ def write_outputs(out_dir: Path, result: dict, curves: dict) -> None:
             lines += [f"### Seed {seed}: by `{tag}`", "",
                       report.tag_table({r["arm"]: r for r in rows if r["seed"] == seed}, tag),
                       ""]
+        mine = {r["arm"]: r for r in rows if r["seed"] == seed}
+        extra, _ = report.task_sections(mine, {a: out_dir / f"seed{seed}" / arm_folder(a)
+                                               for a in mine}, out_dir, f"Seed {seed}: ")
+        lines += extra
     (out_dir / "ablation.md").write_text("\n".join(lines) + "\n")

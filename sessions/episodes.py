@@ -22,7 +22,9 @@ memory like the rest of the session) until the stop string or ``max_bytes``, and
 generation`` becomes the session's next context segment — after its ``context``, so its id
 is ``"<session>/<len(context) + i>"`` — which the write policy may persist. Training uses
 ``prompt + reference + stop`` as that segment instead (``with_references``). ``answer`` is
-the suffix a correct generation ends with (reports count how often it does). ``read_episodes`` checks the whole file
+the suffix a correct generation ends with (reports count how often it does).
+
+``read_episodes`` checks the whole file
 before anything runs and raises ``EpisodeFileError`` naming the line and the field.
 """
 

@@ -28,7 +28,7 @@ from engram.backends import TensorMemory, TraceBatch
 from mhc.moe import FFNAux
 from sessions.data import DOMAINS, Sampler, build_streams, eval_batches
 from sessions.encoding import IGNORE, encode_probes, encode_segments, segment_targets
-from sessions.episodes import Episode
+from sessions.episodes import Episode, with_references
 
 
 @dataclass
@@ -115,6 +115,7 @@ class EpisodeObjective:
         return self.encode(eps, random.Random(f"probes:{self.seed}:{step}"))
 
     def encode(self, eps: list[Episode], rng: random.Random | None = None) -> EpisodeBatch:
+        eps = [with_references(e) for e in eps]  # training writes the reference solutions
         n_sessions = max(len(e.sessions) for e in eps)
         seg = encode_segments(eps, list(range(n_sessions)), self.seq_len)
         select = None
@@ -126,10 +127,10 @@ class EpisodeObjective:
                 chosen.update(rng.sample(refs, min(self.probes_per_episode, len(refs))))
             select = lambda r: (r.row, r.session, r.index) in chosen  # noqa: E731
         probes = encode_probes(eps, None, self.seq_len, select)
-        if len(probes) == 0:
+        if len(probes) == 0 and not train_context(self.task):
             raise ValueError(f"task {self.task.name}: a training batch has no probes to score")
         n = seg.valid_Bn.shape[1]
-        ctx = seg.valid_Bn.flatten().nonzero().flatten() if self.task.score_context else \
+        ctx = seg.valid_Bn.flatten().nonzero().flatten() if train_context(self.task) else \
             torch.zeros(0, dtype=torch.long)
         return EpisodeBatch(eps, seg.idx_NS, seg.mask_NS, seg.valid_Bn, seg.session_Bn,
                             segment_targets(seg), probes.idx_PS, probes.targets_PS,
@@ -156,23 +157,28 @@ class EpisodeObjective:
         if model.memory_enabled:
             mem = self.build_memory(model, batch)
             k = mem.size if obj.retrieve_all else None
-        reader = mem.rows(batch.probe_row) if mem is not None else None
-        res = model(batch.probe_idx, batch.probe_targets, memory=reader,
-                    session=batch.probe_session, top_k=k)
-        out = res.out
-        answer_loss = _answer_loss(out.logits, batch.probe_targets, batch.probe_answer)
-        loss = out.loss + obj.answer_weight * answer_loss
-        lm_loss, tokens = out.lm_loss, batch.probe_idx.numel()
+        res, loss, lm_loss, tokens, extras = None, 0.0, None, 0, {}
+        if batch.probe_idx.shape[0]:
+            reader = mem.rows(batch.probe_row) if mem is not None else None
+            res = model(batch.probe_idx, batch.probe_targets, memory=reader,
+                        session=batch.probe_session, top_k=k)
+            answer_loss = _answer_loss(res.out.logits, batch.probe_targets, batch.probe_answer)
+            loss = res.out.loss + obj.answer_weight * answer_loss
+            lm_loss, tokens = res.out.lm_loss, batch.probe_idx.numel()
+            extras["answer_loss"] = answer_loss.detach()
         if batch.ctx_episode.numel():
             rows = batch.ctx_rows
             ctx = model(batch.seg_idx.index_select(0, rows),
                         batch.seg_targets.index_select(0, rows),
                         memory=mem.rows(batch.ctx_episode) if mem is not None else None,
-                        session=batch.seg_session.flatten().index_select(0, rows), top_k=k).out
-            loss = loss + ctx.lm_loss
-            lm_loss = (lm_loss + ctx.lm_loss) / 2
+                        session=batch.seg_session.flatten().index_select(0, rows), top_k=k)
+            if res is None:  # a context-only task: the context forward is the step's output
+                res, loss, lm_loss = ctx, ctx.out.loss, ctx.out.lm_loss
+            else:
+                loss = loss + ctx.out.lm_loss
+                lm_loss = (lm_loss + ctx.out.lm_loss) / 2
             tokens += len(batch.ctx_episode) * batch.seg_idx.shape[1]
-        extras = {"answer_loss": answer_loss.detach()}
+        out = res.out
         if mem is not None:
             sal = mem.salience_BM[mem.valid_BM]
             loss = loss + model.writer.salience_loss(sal)
@@ -191,9 +197,24 @@ class EpisodeObjective:
     @torch.no_grad()
     def validate(self, model, device, autocast, n_episodes: int = 32) -> dict:
         """Answer loss and exact match on fixed evaluation episodes (tensor memory, every
-        trace written): a cheap curve for training; `engram run` does the real evaluation."""
-        eps = self.episodes("eval", 0, n_episodes)
+        trace written): a cheap curve for training; `engram run` does the real evaluation.
+        A task without probes reports its context loss (nats/byte) instead."""
+        task = self.eval_task
+        if hasattr(task, "validation_episode"):  # a task whose eval episodes are too large
+            n = getattr(task, "validation_episodes", n_episodes)
+            eps = [task.validation_episode(self.exp.eval.seed, i) for i in range(n)]
+        else:
+            eps = self.episodes("eval", 0, n_episodes)
         batch = move(self.encode(eps), device)
+        if not batch.probe_idx.shape[0]:
+            with autocast:
+                mem = self.build_memory(model, batch) if model.memory_enabled else None
+                rows = batch.ctx_rows
+                ctx = model(batch.seg_idx.index_select(0, rows),
+                            batch.seg_targets.index_select(0, rows),
+                            memory=mem.rows(batch.ctx_episode) if mem is not None else None,
+                            session=batch.seg_session.flatten().index_select(0, rows))
+            return {"val_context_loss": float(ctx.out.lm_loss)}
         with autocast:
             mem = self.build_memory(model, batch) if model.memory_enabled else None
             res = model(batch.probe_idx, memory=mem.rows(batch.probe_row) if mem else None,
@@ -203,6 +224,13 @@ class EpisodeObjective:
         return {"val_answer_loss": float(_answer_loss(logits, batch.probe_targets,
                                                       batch.probe_answer)),
                 "val_exact": float(hit.all(-1).float().mean())}
+
+
+def train_context(task) -> bool:
+    """Whether training scores the LM loss of a task's context segments: tasks that measure
+    context do, and a task may train on its context without measuring it (``train_context``:
+    the reasoning task learns to write worked solutions)."""
+    return bool(getattr(task, "train_context", task.score_context))
 
 
 def _answer_loss(logits_PSV, targets_PS, answer_PS) -> torch.Tensor:

@@ -84,8 +84,9 @@ def write_report(out_dir: Path, summary: dict) -> Path:
     metrics = read_jsonl(out_dir / "metrics.jsonl")
     if metrics:
         plots.append(report.plot_training({"model": metrics}, out_dir / "training.png"))
-    plots.append(report.plot_by({a: [s] for a, s in arms.items()}, "by_session",
-                                out_dir / "accuracy_by_session.png", "session"))
+    if any(s.get("by_session") for s in arms.values()):
+        plots.append(report.plot_by({a: [s] for a, s in arms.items()}, "by_session",
+                                    out_dir / "accuracy_by_session.png", "session"))
     lines = [f"# {summary['experiment']}: {summary['episodes']} evaluation episodes",
              "", f"Task: `{summary['task']}`; training seed {summary['seed']}, "
              f"{summary['steps']} steps.", "", "## Exact match by session", "",
@@ -96,6 +97,10 @@ def write_report(out_dir: Path, summary: dict) -> Path:
             plots.append(report.plot_by({a: [s] for a, s in arms.items()}, "distance",
                                         out_dir / "accuracy_by_distance.png",
                                         "sessions between fact and question"))
+    extra, extra_plots = report.task_sections(arms, {a: out_dir / arm_folder(a) for a in arms},
+                                              out_dir)
+    lines += extra
+    plots += extra_plots
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")

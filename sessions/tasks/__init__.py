@@ -13,9 +13,13 @@ from typing import Protocol
 
 from sessions.episodes import Episode
 from sessions.tasks.episodes_file import EpisodesFileTask
+from sessions.tasks.locomo import LocomoTask
+from sessions.tasks.plays import PlaysTask
+from sessions.tasks.reasoning import ReasoningTask
 from sessions.tasks.recall import RecallTask
 
-TASKS = {"recall": RecallTask, "episodes": EpisodesFileTask}
+TASKS = {"recall": RecallTask, "episodes": EpisodesFileTask, "plays": PlaysTask,
+         "reasoning": ReasoningTask, "locomo": LocomoTask}
 
 
 class Task(Protocol):
