@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 FFN_KINDS = ("dense", "flat_moe", "group_limited", "hierarchical", "progressive")
 SHARING_MODES = ("none", "base", "lowrank")
+DATA_KINDS = ("shakespeare", "synthetic", "mixed", "domains")  # sessions.data.build_streams
 
 
 def _fail(owner: str, name: str, message: str) -> None:
@@ -144,7 +145,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     seed: int = 1337
-    data: str = "shakespeare"  # shakespeare | synthetic | mixed
+    data: str = "shakespeare"  # shakespeare | synthetic | mixed | domains
     eval_every: int = 250
     eval_batches: int = 20
     log_every: int = 10
@@ -175,8 +176,8 @@ class TrainConfig:
             _fail(own, "warmup_steps", "must be >= 0")
         if self.grad_clip < 0:
             _fail(own, "grad_clip", "must be >= 0 (0 disables clipping)")
-        if self.data not in ("shakespeare", "synthetic", "mixed"):
-            _fail(own, "data", f"unknown data {self.data!r}; one of shakespeare|synthetic|mixed")
+        if self.data not in DATA_KINDS:
+            _fail(own, "data", f"unknown data {self.data!r}; one of {'|'.join(DATA_KINDS)}")
         if self.device not in ("auto", "cpu", "cuda"):
             _fail(own, "device", f"unknown device {self.device!r}; one of auto|cpu|cuda")
         if self.cuda_graph and self.device == "cpu":

@@ -68,3 +68,31 @@ def summarize(per_layer: list[dict]) -> dict:
             "expert_max_violation": max(s["experts"]["max_violation"] for s in moe),
             "dead_experts": sum(s["experts"]["dead"] for s in moe),
             "domain_cv": sum(s["domains"]["cv"] for s in moe) / n}
+
+
+# A router has collapsed when a layer leaves more than this fraction of its experts without
+# a token, or sends (nearly) every token to one level-1 group (domain): comparisons of FFN
+# kinds must fail on such a row instead of ranking a model that uses a fraction of itself.
+MAX_DEAD_FRACTION = 0.25
+MAX_DOMAIN_SHARE = 0.95
+
+
+def collapse_reasons(per_layer: list[dict], max_dead_fraction: float = MAX_DEAD_FRACTION,
+                     max_domain_share: float = MAX_DOMAIN_SHARE) -> list[str]:
+    """Why the routing of ``layer_stats`` output has collapsed; ``[]`` when it has not.
+    Meaningful on tokens that cover every domain of the data (a held-out mix)."""
+    reasons = []
+    for i, s in enumerate(per_layer):
+        if not s:
+            continue
+        n_experts, dead = len(s["experts"]["load"]), s["experts"]["dead"]
+        if dead > max_dead_fraction * n_experts:
+            reasons.append(f"layer {i}: {dead} of {n_experts} experts dead "
+                           f"(> {max_dead_fraction:.0%})")
+        load = s["domains"]["load"]
+        total = sum(load)
+        if total and len(load) > 1 and max(load) / total > max_domain_share:
+            g = load.index(max(load))
+            reasons.append(f"layer {i}: domain {g} takes {max(load) / total:.1%} of the tokens "
+                           f"(> {max_domain_share:.0%})")
+    return reasons

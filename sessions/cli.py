@@ -10,6 +10,8 @@
                                                    episodes as JSONL
     engram traces ... (--store DIR | --run RUN)    ingest / query / list / show / export /
                                                    stats / verify / delete / reindex traces
+    engram bench architectures [--preset cpu|gpu]  the FFN kinds side by side, the source
+                                                   report's claims measured
 
 The memory flag: ``--memory on|off|trained-off`` wins over ``ENGRAM_ENABLED=1|0``, which wins
 over the config (``engram.enabled``; off by default), for every command that builds a model.
@@ -333,6 +335,20 @@ def _cmd_data_episodes(args) -> int:
     return 0
 
 
+# ---- bench -------------------------------------------------------------------------------
+def _add_bench(sub) -> None:
+    from sessions import bench_architectures as arch
+
+    p = sub.add_parser("bench", help="benchmarks: the FFN architectures on multi-domain data")
+    bsub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK")
+    bsub.required = True
+    a = bsub.add_parser("architectures", help="every FFN kind trained and measured side by "
+                        "side; writes docs/architecture_table.md", formatter_class=RAW,
+                        description=arch.DESCRIPTION, epilog=arch.EPILOG)
+    arch.add_arguments(a)
+    a.set_defaults(func=arch.main)
+
+
 # ---- traces ------------------------------------------------------------------------------
 def _add_traces(sub) -> None:
     from memory_store.cli import add_traces_subcommands
@@ -421,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_add_run, _add_ablate, _add_train, _add_eval, _add_params, _add_data,
-                _add_traces):
+                _add_traces, _add_bench):
         add(sub)
     return parser
 

@@ -90,12 +90,14 @@ class Batch:
 
 
 class ByteStream:
-    """Random windows of a byte tensor, optionally labelled with one domain."""
+    """Random windows of a byte tensor, optionally labelled with one domain; ``name`` names
+    it in validation results (default: its domain's name)."""
 
-    def __init__(self, data: torch.Tensor, domain: int = -1):
+    def __init__(self, data: torch.Tensor, domain: int = -1, name: str = ""):
         if data.numel() < 2:
             raise ValueError("a byte stream needs at least 2 bytes")
         self.data, self.domain = data, domain
+        self.name = name or (DOMAINS[domain] if 0 <= domain < len(DOMAINS) else "unlabelled")
 
     def windows(self, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
         offsets = torch.arange(seq_len + 1)
@@ -145,8 +147,14 @@ def eval_batches(stream: ByteStream, batch_size: int, seq_len: int, n_batches: i
 
 def build_streams(kind: str, cache_dir: Path = DEFAULT_CACHE, seed: int = 0,
                   quiet: bool = False) -> tuple[list[ByteStream], list[ByteStream]]:
-    """(train streams, validation streams) for ``shakespeare`` | ``synthetic`` | ``mixed``.
-    Validation always ends with the held-out Shakespeare split when it is part of the data."""
+    """(train streams, validation streams) for ``shakespeare`` | ``synthetic`` | ``mixed`` |
+    ``domains``. Validation always ends with the held-out Shakespeare split when it is part
+    of the data. Data of one domain carries no domain label (-1): a label that every sequence
+    shares would only teach a router to send everything to one domain. ``domains``
+    (``sessions.domains``): literature, code, arithmetic labelled 0, 1, 2, validated on their
+    held-out files, then on the mixed items (``mixed:<kind>``, unlabelled)."""
+    if kind == "domains":
+        return _domain_streams(cache_dir, seed)
     train, val = [], []
     if kind in ("synthetic", "mixed"):
         for d, name in enumerate(DOMAINS[:3]):
@@ -154,9 +162,24 @@ def build_streams(kind: str, cache_dir: Path = DEFAULT_CACHE, seed: int = 0,
             val.append(ByteStream(synthetic.corpus(name, seed=seed + 10_007, n_bytes=40_000), d))
     if kind in ("shakespeare", "mixed"):
         folder = prepare_shakespeare(cache_dir, quiet=quiet)
-        d = DOMAINS.index("shakespeare")
-        train.append(ByteStream(load_split(folder, "train"), d))
-        val.append(ByteStream(load_split(folder, "val"), d))
+        d = DOMAINS.index("shakespeare") if kind == "mixed" else -1
+        train.append(ByteStream(load_split(folder, "train"), d, "shakespeare"))
+        val.append(ByteStream(load_split(folder, "val"), d, "shakespeare"))
     if not train:
         raise ValueError(f"unknown data kind {kind!r}")
+    return train, val
+
+
+def _bytes(raw: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def _domain_streams(cache_dir: Path, seed: int) -> tuple[list[ByteStream], list[ByteStream]]:
+    from sessions import domains
+
+    corpus = domains.build(cache_dir, seed)
+    train = [ByteStream(_bytes(corpus.train[n]), d, n) for d, n in enumerate(domains.DOMAIN_NAMES)]
+    val = [ByteStream(_bytes(corpus.held_out[n]), d, n)
+           for d, n in enumerate(domains.DOMAIN_NAMES)]
+    val += [ByteStream(_bytes(raw), -1, f"mixed:{k}") for k, raw in corpus.mixed.items()]
     return train, val

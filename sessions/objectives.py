@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from engram.backends import TensorMemory, TraceBatch
 from mhc.moe import FFNAux
-from sessions.data import DOMAINS, Sampler, build_streams, eval_batches
+from sessions.data import Sampler, build_streams, eval_batches
 from sessions.encoding import IGNORE, encode_probes, encode_segments, segment_targets
 from sessions.episodes import Episode, with_references
 
@@ -53,7 +53,7 @@ class LMObjective:
         t = run.train
         streams, val_streams = build_streams(t.data, cache_dir, seed=t.seed, quiet=quiet)
         self.sampler = Sampler(streams, t.batch_size, run.model.seq_len, t.seed)
-        self.val_sets = {DOMAINS[s.domain]: eval_batches(s, t.batch_size, run.model.seq_len,
+        self.val_sets = {s.name: eval_batches(s, t.batch_size, run.model.seq_len,
                                                          t.eval_batches) for s in val_streams}
 
     def batch(self, step: int):
