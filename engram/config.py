@@ -33,7 +33,7 @@ class EngramConfig:
     salience_target: float = 0.3  # training pulls the mean salience towards this
     salience_coef: float = 0.1
     retrieval_coef: float = 1.0  # weight of the retrieval distillation loss (training)
-    recency: str = "relative"  # relative | absolute | off: how a trace's age biases reading
+    recency: str = "absolute"  # absolute | off: a learned logit slope per session of age
     null_kv: bool = True
     gate_init: float = 0.1  # initial value of the (tanh) read gate
     temperature_init: float = 20.0  # initial scale of the cosine token attention
@@ -54,8 +54,8 @@ class EngramConfig:
                 raise ValueError(f"{own}.{name}: must be in [0, 1], got {getattr(self, name)}")
         if not -1.0 < self.gate_init < 1.0:
             raise ValueError(f"{own}.gate_init: must be in (-1, 1) (a tanh gate)")
-        if self.recency not in ("relative", "absolute", "off"):
-            raise ValueError(f"{own}.recency: relative, absolute or off, got {self.recency!r}")
+        if self.recency not in ("absolute", "off"):
+            raise ValueError(f"{own}.recency: absolute or off, got {self.recency!r}")
         if self.retrieval_coef < 0 or self.salience_coef < 0:
             raise ValueError(f"{own}.retrieval_coef / salience_coef: must be >= 0")
         if self.temperature_init <= 0:

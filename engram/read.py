@@ -21,14 +21,11 @@ learned embedding of its byte. Queries and memory keys share
 one projection, so the same context in a trace and in the query lines up from the start;
 the token attention is cosine (QK-norm) with a learned per-head temperature τ, which keeps it
 sharp although residual-stream states at different positions are alike. A learned per-head
-recency slope times the trace's *relative* age is added to the logits, so a fact updated in a
-later session can win over its older value: relative to the retrieval-weighted mean age of
-what the token retrieved, and weighted by the trace's retrieval probability, so only traces
-that compete for the same query are ordered by time (an old fact with no newer rival is not
-penalised against newer, unrelated traces: ``recency="absolute"`` does that, ``"off"``
-disables the term). A trace's values are
-scaled by σ(salience_m): how much a trace can contribute is what trains the write gate (a
-bias on the attention logits would stop mattering once attention is sharp).
+recency slope times the trace's age in sessions is added to the logits, so a fact updated in a
+later session can win over its older value (``recency="off"`` removes the term: an ablation;
+an age relative to the retrieved traces' mean was tried and read worse: docs/results.md).
+A trace's values are scaled by σ(salience_m): how much a trace can contribute is what trains
+the write gate (a bias on the attention logits would stop mattering once attention is sharp).
 
 Shapes: B rows, T tokens, M candidate traces, S trace tokens, D model dim, H heads, Dh head
 dim (key), Dv head dim (value), K retrieval key dim.
@@ -86,7 +83,8 @@ class MemoryReader(nn.Module):
         return torch.tanh(self.gate_param)
 
     def query(self, h_BTD: torch.Tensor) -> torch.Tensor:
-        """Unit-length retrieval queries ``(B, T, K)``, matched against trace keys."""
+        """Unit-length retrieval queries ``(B, T, K)``, matched against trace keys (a pooled
+        prefix as the query was tried and retrieved worse: docs/results.md)."""
         return F.normalize(self.retrieval_query(_norm(h_BTD)), dim=-1)
 
     def _memory_keys_values(self, cand: Candidates, dtype: torch.dtype):
@@ -166,13 +164,7 @@ class MemoryReader(nn.Module):
         slope = self.recency.float()[None, :, None, None]  # (1, H, 1, 1)
         if self.cfg.recency == "off":
             return torch.zeros((), device=age.device)
-        if self.cfg.recency == "absolute":
-            return slope * age[:, None]
-        scores = cand.scores_BTM.float()
-        scores = scores.masked_fill(~torch.isfinite(scores), -1e4)
-        p = torch.softmax(self.log_retrieval_scale.exp() * scores, dim=-1)  # (B, T, M)
-        relative = age - (p * age).sum(-1, keepdim=True)
-        return slope * (relative * p)[:, None]
+        return slope * age[:, None]
 
     def _retrieval_loss(self, mem_attn_BHTMS: torch.Tensor, cand: Candidates) -> torch.Tensor:
         """KL(attention mass per trace || softmax of retrieval scores), per token, weighted by
