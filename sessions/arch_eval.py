@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections import defaultdict
 
 import torch
 
@@ -224,46 +223,53 @@ def counted_params(model: MHCModel) -> dict:
 
 
 @torch.no_grad()
-def routing_latency(model: MHCModel, batch: Batch, device: torch.device,
-                    backends: list[str], repeats: int) -> dict:
-    """µs per 1k tokens, per layer, of the router alone and of router + permutation (the
-    model's own ``Router`` on the inputs it saw in a forward of ``batch``), per kernel
-    backend; progressive adds its encoder (run once for all layers)."""
-    if not model.cfg.ffn.is_moe:
-        return {}
-    model.eval()
-    f = model.cfg.ffn
-    tap = RouterTap(model, keep_inputs=True)
-    try:
-        _forward(model, batch, device)
-    finally:
-        tap.close()
+def routing_latency(models: dict[str, MHCModel], batch: Batch, device: torch.device,
+                    backends: list[str], repeats: int) -> dict[str, dict]:
+    """Per model (MoE kinds only) and kernel backend: µs per 1k tokens, per layer, of the
+    router alone and of router + permutation (the model's own ``Router`` on the inputs it saw
+    in a forward of ``batch``); progressive adds its encoder (run once for all layers).
+    Side by side: each repeat times one call of every router of every model in turn, so a
+    change in the machine's load touches every model alike."""
+    calls: dict[tuple[str, str, int | None], object] = {}
+    for name, model in models.items():
+        if not model.cfg.ffn.is_moe:
+            continue
+        model.eval()
+        tap = RouterTap(model, keep_inputs=True)
+        try:
+            _forward(model, batch, device)
+        finally:
+            tap.close()
+        f = model.cfg.ffn
+        for i, (block, args) in enumerate(zip(model.blocks, tap.inputs, strict=True)):
+            router = block.ffn.router
+
+            def alone(router=router, args=args):
+                return router(*args)
+
+            def with_permute(router=router, args=args, f=f):
+                _, ids_TK, _ = router(*args)
+                return ops.permute(args[0], expert_to_slot(ids_TK, f.n_domains,
+                                                           f.n_components), f.n_experts)
+
+            calls[(name, "router_us_per_1k", i)] = alone
+            calls[(name, "router_permute_us_per_1k", i)] = with_permute
+        if model.domain_encoder is not None:
+            idx = batch.x.to(device)
+            calls[(name, "encoder_us_per_1k", None)] = lambda m=model, idx=idx: _encode(m, idx)
     T = batch.x.numel()
-    per_1k = 1000.0 / T
-    out = {}
+    out: dict[str, dict] = {}
     prev = kernels.backend()
     try:
         for backend in backends:
             kernels.set_backend(backend)
-            res: dict = defaultdict(list)
-            for block, args in zip(model.blocks, tap.inputs, strict=True):
-                router = block.ffn.router
-
-                def alone(router=router, args=args):
-                    return router(*args)
-
-                def with_permute(router=router, args=args):
-                    _, ids_TK, _ = router(*args)
-                    return ops.permute(args[0], expert_to_slot(ids_TK, f.n_domains,
-                                                               f.n_components), f.n_experts)
-
-                res["router_us_per_1k"].append(_time_us(alone, device, repeats) * per_1k)
-                res["router_permute_us_per_1k"].append(_time_us(with_permute, device, repeats)
-                                                       * per_1k)
-            if model.domain_encoder is not None:
-                res["encoder_us_per_1k"] = _time_us(
-                    lambda: _encode(model, batch.x.to(device)), device, repeats) * per_1k
-            out[f"{device.type}:{backend}"] = {**res, "tokens": T}
+            for (name, metric, layer), us in _time_side_by_side(calls, device, repeats).items():
+                row = out.setdefault(name, {}).setdefault(f"{device.type}:{backend}",
+                                                          {"tokens": T})
+                if layer is None:
+                    row[metric] = us * 1000.0 / T
+                else:  # layers come in order
+                    row.setdefault(metric, []).append(us * 1000.0 / T)
     finally:
         kernels.set_backend(prev)
     return out
@@ -276,16 +282,19 @@ def _encode(model: MHCModel, idx_BS: torch.Tensor) -> torch.Tensor:
     return torch.topk(logits.float(), model.cfg.ffn.k1, dim=-1).indices
 
 
-def _time_us(fn, device: torch.device, repeats: int) -> float:
-    """Median wall time of one call, synchronised (eager: what a training step pays)."""
+def _time_side_by_side(calls: dict, device: torch.device, repeats: int) -> dict:
+    """Median synchronised wall time (µs) of one call of each function, the functions taking
+    turns within every repeat (eager: what a training step pays)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        fn()
+    for fn in calls.values():
+        for _ in range(3):
+            fn()
     sync()
-    times = []
+    times: dict = {key: [] for key in calls}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+        for key, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[key].append(time.perf_counter() - t0)
+    return {key: statistics.median(v) * 1e6 for key, v in times.items()}

@@ -122,21 +122,29 @@ def _seed_runs(preset: str, seed: int, out_dir: Path, cache_dir: Path,
     seed_run = replace(run, train=replace(run.train, seed=seed))
     objective = LMObjective(seed_run, cache_dir, quiet=True)
     meta = domains.build(cache_dir, seed).meta
-    done: dict[str, dict] = {}
+    done: dict[str, tuple[dict, MHCModel]] = {}  # config -> (row, trained model)
     rows = []
     for mi, spec in enumerate(specs):
         key = json.dumps(presets.to_plain(spec.cfg), sort_keys=True)
         if key in done:  # the same model in both matchings: trained once
-            row = {**done[key], "matching": spec.matching, "match_error": spec.match_error,
-                   "same_as": f"{done[key]['model']} ({done[key]['matching']})"}
+            first = done[key][0]
+            row = {**first, "matching": spec.matching, "match_error": spec.match_error,
+                   "same_as": f"{first['model']} ({first['matching']})"}
         else:
-            row = _one(spec, seed_run, objective, Path(out_dir) / f"seed{seed}", p, device,
-                       _backends(device))
-            done[key] = row
-        rows.append(row)
+            row, model = _one(spec, seed_run, objective, Path(out_dir) / f"seed{seed}", p,
+                              device)
+            done[key] = (row, model)
+        rows.append((key, row))
         if progress:
             print(f"[seed {seed}: {mi + 1}/{len(specs)}] {spec.matching:6s} "
                   f"{arch_table.one_line(row)}", flush=True)
+    # routing latency of every model side by side, on the same held-out tokens
+    probe = _concat([objective.val_sets[n][0] for n in domains.DOMAIN_NAMES])
+    latency = arch_eval.routing_latency({k: m for k, (_, m) in done.items()}, probe, device,
+                                        _backends(device), p["latency_repeats"])
+    for key, row in rows:
+        row["latency"] = latency.get(key, {})
+    rows = [row for _, row in rows]
     return meta, rows
 
 
@@ -147,7 +155,8 @@ def _threads(run: RunConfig) -> int:
 
 
 def _one(spec: ModelSpec, run: RunConfig, objective: LMObjective, out_dir: Path, p: dict,
-         device: torch.device, backends: list[str]) -> dict:
+         device: torch.device) -> tuple[dict, MHCModel]:
+    """Train one model and measure it (all but its latency): ``(row, trained model)``."""
     t = run.train
     train = replace(t, out_dir=str(out_dir / f"{spec.name.replace('/', '-')}-{spec.matching}"),
                     eval_every=t.steps, checkpoint_every=t.steps,
@@ -170,7 +179,6 @@ def _one(spec: ModelSpec, run: RunConfig, objective: LMObjective, out_dir: Path,
     ev = arch_eval.evaluate(model, objective.val_sets, fit, labels, device)
     probe = _concat([objective.val_sets[n][0] for n in labels])
     ev["level1_grad_ratio"] = arch_eval.level1_grad_ratio(model, probe, device)
-    latency = arch_eval.routing_latency(model, probe, device, backends, p["latency_repeats"])
     return {"model": spec.name, "kind": spec.cfg.ffn.kind, "sharing": spec.cfg.ffn.sharing,
             "matching": spec.matching, "match_error": spec.match_error, "seed": t.seed,
             "hidden": spec.cfg.ffn.hidden,
@@ -182,7 +190,7 @@ def _one(spec: ModelSpec, run: RunConfig, objective: LMObjective, out_dir: Path,
                       "final_loss": last["loss"],
                       "stats": {k: last[k] for k in ("expert_cv", "dead_experts", "domain_cv")
                                 if k in last}},
-            "eval": ev, "latency": latency, "wall_seconds": time.perf_counter() - began}
+            "eval": ev, "wall_seconds": time.perf_counter() - began}, model
 
 
 def _concat(batches: list[Batch]) -> Batch:

@@ -102,6 +102,8 @@ class Stat:
         if self.mean is None:
             return "—"
         scale, unit = (100.0, "%") if pct else (1.0, "")
+        if digits == 0 and self.std == 0:  # a count, the same for every seed
+            return f"{self.mean:,.0f}"
         if len(self.values) < 2:
             return f"{self.mean * scale:.{digits}f}{unit}"
         return f"{self.mean * scale:.{digits}f} ± {self.std * scale:.{digits}f}{unit}"

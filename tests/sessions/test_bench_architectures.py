@@ -198,20 +198,20 @@ def test_a_collapsed_router_fails_and_a_healthy_one_passes():
 
 def test_lm_loss_reaches_level_one_and_latency_is_measured():
     cpu = torch.device("cpu")
+    models = {kind: MHCModel(_cfg(kind)) for kind in ("hierarchical", "progressive", "flat_moe")}
+    models["dense"] = MHCModel(replace(_cfg("flat_moe"), ffn=replace(_cfg("flat_moe").ffn,
+                                                                      kind="dense")))
     for kind in ("hierarchical", "progressive"):
-        model = MHCModel(_cfg(kind))
-        assert arch_eval.level1_grad_ratio(model, _batch(model.cfg), cpu) > \
+        assert arch_eval.level1_grad_ratio(models[kind], _batch(models[kind].cfg), cpu) > \
             arch_eval.MIN_LEVEL1_GRAD_RATIO
-        lat = arch_eval.routing_latency(model, _batch(model.cfg), cpu, ["torch"], 2)
-        per_layer = lat["cpu:torch"]
-        assert len(per_layer["router_us_per_1k"]) == 2
-        assert all(v > 0 for v in per_layer["router_us_per_1k"] +
-                   per_layer["router_permute_us_per_1k"])
-        assert ("encoder_us_per_1k" in per_layer) == (kind == "progressive")
-    flat = MHCModel(_cfg("flat_moe"))
-    assert arch_eval.level1_grad_ratio(flat, _batch(flat.cfg), cpu) is None
-    dense = MHCModel(replace(_cfg("flat_moe"), ffn=replace(_cfg("flat_moe").ffn, kind="dense")))
-    assert arch_eval.routing_latency(dense, _batch(dense.cfg), cpu, ["torch"], 2) == {}
+    assert arch_eval.level1_grad_ratio(models["flat_moe"], _batch(_cfg("flat_moe")), cpu) is None
+    lat = arch_eval.routing_latency(models, _batch(_cfg("flat_moe")), cpu, ["torch"], 2)
+    assert set(lat) == {"hierarchical", "progressive", "flat_moe"}  # dense has no router
+    for kind, per_backend in lat.items():
+        row = per_backend["cpu:torch"]
+        assert row["tokens"] == 6 * 32 and len(row["router_us_per_1k"]) == 2
+        assert all(v > 0 for v in row["router_us_per_1k"] + row["router_permute_us_per_1k"])
+        assert ("encoder_us_per_1k" in row) == (kind == "progressive")
 
 
 def test_bad_arguments_are_clear_errors(capsys):
