@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 FFN_KINDS = ("dense", "flat_moe", "group_limited", "hierarchical", "progressive")
 SHARING_MODES = ("none", "base", "lowrank")
+PARALLEL_MODES = ("ddp", "fsdp")  # sessions.distributed
 DATA_KINDS = ("shakespeare", "synthetic", "mixed", "domains")  # sessions.data.build_streams
 
 
@@ -156,6 +157,10 @@ class TrainConfig:
     # in a CUDA graph and replay it: no per-step host overhead. CUDA only, and only for
     # objectives with fixed batch shapes (text streams, not episodes): sessions/graph_step.py
     cuda_graph: bool = False
+    # under torchrun (WORLD_SIZE > 1): ddp replicates the model and averages gradients; fsdp
+    # shards parameters, gradients and optimizer state per block (FSDP2 fully_shard) for a
+    # model that does not fit one GPU. Ignored in one process. docs/distributed.md
+    parallel: str = "ddp"
     out_dir: str = "runs/default"
     device: str = "auto"
     threads: int = 0  # 0 = torch default
@@ -180,6 +185,9 @@ class TrainConfig:
             _fail(own, "data", f"unknown data {self.data!r}; one of {'|'.join(DATA_KINDS)}")
         if self.device not in ("auto", "cpu", "cuda"):
             _fail(own, "device", f"unknown device {self.device!r}; one of auto|cpu|cuda")
+        if self.parallel not in PARALLEL_MODES:
+            _fail(own, "parallel", f"unknown parallel {self.parallel!r}; one of "
+                  f"{'|'.join(PARALLEL_MODES)}")
         if self.cuda_graph and self.device == "cpu":
             _fail(own, "cuda_graph", "a CUDA graph needs a CUDA GPU, but device=cpu")
 

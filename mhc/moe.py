@@ -14,6 +14,7 @@ picks, K1 level-1 picks, N = T·K routed rows, E experts, P = E expert slots.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,18 @@ class FFNAux:
     counts_E: torch.Tensor | None = None
     domain_counts_G: torch.Tensor | None = None
     domain_ids_TK1: torch.Tensor | None = None
+
+
+# Data parallel (``sessions.distributed``): sums a layer's expert counts over the ranks during a
+# training step, so the balance loss, the statistics and the bias updates see the global load.
+_counts_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def set_counts_reducer(fn: Callable[[torch.Tensor], torch.Tensor] | None):
+    """Install ``fn`` (None: local counts, one process); returns the previous one."""
+    global _counts_reducer
+    previous, _counts_reducer = _counts_reducer, fn
+    return previous
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -75,6 +88,8 @@ class MHCFFN(nn.Module):
         weights_TK, ids_TK, logits_TR = self.router(x_TD, dom_TG, forced)
         x_ND, order_N, counts_P = ops.permute(x_TD, expert_to_slot(ids_TK, G, C), E)
         counts_E = counts_P.detach().view(C, G).t().reshape(E)  # slot c·G+g -> expert g·C+c
+        if _counts_reducer is not None:
+            counts_E = _counts_reducer(counts_E)
         domain_counts_G = counts_E.view(G, C).sum(1)
         aux, z = self.router.losses(logits_TR, counts_E, domain_counts_G)
         y_TD = ops.combine(self.experts(x_ND, counts_P), order_N, weights_TK)

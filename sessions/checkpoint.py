@@ -7,6 +7,10 @@ streams, ``config`` is the ``RunConfig``; ``experiment``: a model trained on epi
 Each file is written to a temporary name and renamed into place, the JSON last, so a folder
 whose ``config.json`` names step N holds a complete step-N checkpoint. The step is also stored
 in both safetensors headers and checked on load.
+
+The files hold the full state whatever the world size that trained it (``sessions.distributed``
+gathers a sharded model to rank 0 and writes these same files), so a checkpoint resumes on any
+number of ranks.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ def _replace(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def save(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+def save(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | dict | None,
          config: dict, step: int, extra: dict | None = None, kind: str = "backbone") -> Path:
-    """``config``: the plain (JSON) config of the run."""
+    """``config``: the plain (JSON) config of the run; ``optimizer``: an optimizer or its
+    state dict (``sessions.distributed`` gathers a sharded one into ``torch.optim``'s layout)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"step": str(step)}
@@ -53,7 +58,7 @@ def save(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer 
 
 
 def _flatten_optimizer(optimizer) -> tuple[dict, list]:
-    state = optimizer.state_dict()
+    state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors = {}
     for idx, slots in state["state"].items():
         for name, value in slots.items():
@@ -100,12 +105,19 @@ def load(folder: Path, model: torch.nn.Module,
         raise CheckpointError(f"{folder}: weights do not match the model "
                               f"(missing {missing}, unexpected {unexpected})")
     if optimizer is not None:
-        path = folder / "optimizer.safetensors"
-        if not path.is_file():
-            raise CheckpointError(f"{folder}: optimizer.safetensors missing (cannot resume)")
-        _check_step(path, step)
-        optimizer.load_state_dict(_unflatten_optimizer(path))
+        optimizer.load_state_dict(load_optimizer_state(folder))
     return step
+
+
+def load_optimizer_state(folder: Path) -> dict:
+    """The optimizer state of a checkpoint in ``torch.optim``'s layout (parameters numbered
+    in group order)."""
+    folder = Path(folder)
+    path = folder / "optimizer.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: optimizer.safetensors missing (cannot resume)")
+    _check_step(path, int(read_info(folder)["step"]))
+    return _unflatten_optimizer(path)
 
 
 def _check_step(path: Path, step: int) -> None:

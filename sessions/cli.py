@@ -96,6 +96,8 @@ def _cmd_run(args) -> int:
     out = args.out or Path("runs") / exp.name
     summary = run_experiment(exp, out, args.checkpoint, progress=not args.quiet,
                              resume=args.resume)
+    if summary is None:  # torchrun: another rank evaluates and writes the run folder
+        return 0
     print(json.dumps(summary, indent=1) if args.json else one_line(summary))
     print(f"run folder: {out} (report.md, summary.json)")
     return 0
@@ -129,6 +131,9 @@ def _cmd_ablate(args) -> int:
     from engram.config import env_enabled
     from sessions.ablate import run_ablation, table
 
+    if _world_size() > 1:
+        raise ValueError("engram ablate runs in one process; under torchrun, train and "
+                         "evaluate each arm with engram run (docs/distributed.md)")
     overrides = list(args.overrides)
     if args.arms:
         overrides.append(f"ablate.arms=[{','.join(args.arms)}]")
@@ -161,6 +166,7 @@ def _add_train(sub) -> None:
   engram train configs/tiny.yaml model.ffn.kind=progressive train.max_minutes=5
   engram train tiny --resume runs/tiny/checkpoint train.steps=4000
   engram train configs/experiments/recall5.yaml --out runs/recall5-model
+  torchrun --nproc_per_node=2 $(command -v engram) train debug   # DDP (train.parallel=fsdp)
 """)
     p.add_argument("config", help="preset name, YAML config or experiment YAML")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
@@ -442,8 +448,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if _world_size() > 1:  # torchrun: join the job; rank 0 alone prints results
+        from sessions import distributed
+
+        distributed.setup()
+        distributed.silence_other_ranks()
     try:
         argv = _rewrite_run(argv)
     except (ValueError, FileNotFoundError) as err:

@@ -12,7 +12,9 @@ seed and the step) and turns it into a loss.
   write gate's budget loss. The no-memory arm runs the same objective with no memory.
 
 Every tensor an objective reports is detached and stays on the device; the trainer reads them
-every ``log_every`` steps.
+every ``log_every`` steps. Under several ranks the trainer sets ``shard``
+(``sessions.distributed.Shard``): ``batch(step)`` is then this rank's slice of the same global
+batch (rows of a text batch; whole episodes, with the probes chosen over the global batch).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def backbone_of(model: torch.nn.Module):
 
 class LMObjective:
     name = "lm"
+    shard = None  # several ranks: this rank's rows of every batch (set by the trainer)
 
     def __init__(self, run, cache_dir: Path = Path("cache"), quiet: bool = False):
         t = run.train
@@ -57,7 +60,8 @@ class LMObjective:
                                                          t.eval_batches) for s in val_streams}
 
     def batch(self, step: int):
-        return self.sampler.batch(step)
+        batch = self.sampler.batch(step)
+        return batch if self.shard is None else self.shard.rows(batch)
 
     def loss(self, model, batch) -> StepOutput:
         out = model(batch.x, batch.y, batch.domains)
@@ -96,6 +100,7 @@ class EpisodeBatch:
 
 class EpisodeObjective:
     name = "episodes"
+    shard = None  # several ranks: this rank's episodes of every batch (set by the trainer)
 
     def __init__(self, exp, seed: int, probes_per_episode: int = 0):
         """``probes_per_episode`` > 0 samples that many probes per episode and step (all
@@ -112,19 +117,25 @@ class EpisodeObjective:
 
     def batch(self, step: int) -> EpisodeBatch:
         eps = self.episodes("train", step * self.batch_size, self.batch_size)
-        return self.encode(eps, random.Random(f"probes:{self.seed}:{step}"))
+        return self.encode(eps, random.Random(f"probes:{self.seed}:{step}"), self.shard)
 
-    def encode(self, eps: list[Episode], rng: random.Random | None = None) -> EpisodeBatch:
+    def encode(self, eps: list[Episode], rng: random.Random | None = None,
+               shard=None) -> EpisodeBatch:
+        """``shard``: encode only that rank's episodes (probes chosen over all of ``eps``)."""
         eps = [with_references(e) for e in eps]  # training writes the reference solutions
-        n_sessions = max(len(e.sessions) for e in eps)
-        seg = encode_segments(eps, list(range(n_sessions)), self.seq_len)
-        select = None
+        chosen = None
         if self.probes_per_episode and rng is not None:
             chosen = set()
             for b, e in enumerate(eps):
                 refs = [(b, s, i) for s, sess in enumerate(e.sessions)
                         for i in range(len(sess.probes))]
                 chosen.update(rng.sample(refs, min(self.probes_per_episode, len(refs))))
+        if shard is not None:
+            eps, chosen = shard.episodes(eps, chosen)
+        n_sessions = max(len(e.sessions) for e in eps)
+        seg = encode_segments(eps, list(range(n_sessions)), self.seq_len)
+        select = None
+        if chosen is not None:
             select = lambda r: (r.row, r.session, r.index) in chosen  # noqa: E731
         probes = encode_probes(eps, None, self.seq_len, select)
         if len(probes) == 0 and not train_context(self.task):

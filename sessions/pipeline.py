@@ -3,6 +3,8 @@ trainer (resumable), pick the evaluation episodes, evaluate one arm with the one
 
 ``engram run`` (``sessions.run``), ``engram ablate`` (``sessions.ablate``) and ``engram
 train EXPERIMENT`` are compositions of these functions; none has a loop of its own.
+Under ``torchrun`` every rank trains (``sessions.distributed``) and rank 0 alone writes the
+run folder; evaluation (``evaluate_arm``) is rank 0's: one writer per trace store.
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ from pathlib import Path
 import torch
 
 from engram.model import EngramModel
-from sessions import checkpoint
+from sessions import checkpoint, distributed
 from sessions.encoding import encode_probes, encode_segments
 from sessions.episodes import Episode, read_episodes
 from sessions.experiment import ExperimentConfig, from_plain, to_plain
 from sessions.objectives import EpisodeObjective
 from sessions.report import summarize
 from sessions.runner import Arm, Runner
-from sessions.runs import write_json
+from sessions.runs import start_run, write_json
 from sessions.trainer import Trainer, TrainResult, pick_device, plan_steps
 
 
@@ -32,13 +34,17 @@ def train_backbone(run, resume: Path | None = None, progress: bool = True,
     from mhc.model import MHCModel
     from sessions.objectives import LMObjective
 
-    objective = LMObjective(run, cache_dir, quiet=not progress)
+    distributed.setup()
+    with distributed.main_first():  # rank 0 prepares the data cache, the others read it
+        objective = LMObjective(run, cache_dir, quiet=not progress)
     torch.manual_seed(run.train.seed)
     model = MHCModel(run.model)
     if resume is None:
         run = replace(run, train=plan_steps(model, objective, run.train))
     trainer = Trainer(model, objective, run.train, Path(run.train.out_dir),
                       presets.to_plain(run), progress=progress)
+    if resume is None:  # the run folder once the trainer has accepted the config
+        start_run(Path(run.train.out_dir), presets.to_plain(run), seeds=[run.train.seed])
     return trainer.fit(resume=resume)
 
 
@@ -81,7 +87,8 @@ def train_model(exp: ExperimentConfig, memory: str, out_dir: Path, progress: boo
     trainer = Trainer(model, objective, train_cfg, out_dir, plain, kind="experiment",
                       progress=progress, desc=desc)
     result = trainer.fit(resume=ckpt if resume else None)
-    return trainer.model, {"steps": result.step, "train_seconds": result.train_seconds}
+    model = trainer.model if trainer.parallel is None else trainer.parallel.plain_model()
+    return model, {"steps": result.step, "train_seconds": result.train_seconds}
 
 
 def evaluation_episodes(exp: ExperimentConfig) -> list[Episode]:

@@ -17,6 +17,7 @@ import yaml
 
 from engram.model import EngramModel
 from sessions import report
+from sessions.distributed import is_main
 from sessions.experiment import ExperimentConfig, to_plain
 from sessions.pipeline import (
     arm_folder,
@@ -55,7 +56,7 @@ def model_for(exp: ExperimentConfig, out_dir: Path, checkpoint: Path | None, pro
 
 
 def run_experiment(exp: ExperimentConfig, out_dir: Path, checkpoint: Path | None = None,
-                   progress: bool = True, resume: bool = False) -> dict:
+                   progress: bool = True, resume: bool = False) -> dict | None:
     out_dir = Path(out_dir)
     plain = to_plain(exp)
     if resume:
@@ -64,6 +65,8 @@ def run_experiment(exp: ExperimentConfig, out_dir: Path, checkpoint: Path | None
         start_run(out_dir, plain, seeds=[exp.train.seed])
     episodes = evaluation_episodes(exp)  # checked before training or writing anything
     model, trained = model_for(exp, out_dir, checkpoint, progress, resume)
+    if not is_main():  # torchrun: every rank trained; rank 0 alone evaluates and writes
+        return None
     arms = [exp.memory] + (["trained-off"] if exp.memory == "on" and exp.eval.compare_off
                            else [])
     summaries = {a: evaluate_arm(model, Arm.parse(a), exp, episodes, out_dir / arm_folder(a),

@@ -2,7 +2,7 @@
 
     config.yaml        the resolved experiment config (every field, defaults included)
     env.json           git sha and dirty flag, package versions, hardware, command line,
-                       seeds, world size, start time
+                       seeds, world size and process-group backend, start time
     metrics.jsonl      training metrics (``sessions.trainer``)
     checkpoint/        the trained model
     <arm>/             one evaluation per arm: probes.jsonl, sessions.jsonl,
@@ -10,7 +10,8 @@
     summary.json       results only (no timings, no paths): same config + seed, same bytes
     report.md, *.png   tables and plots (``sessions.report``)
 
-Every JSON file is written to a temporary name and renamed into place.
+Every JSON file is written to a temporary name and renamed into place. In a distributed
+job (torchrun) only rank 0 creates the folder and writes (``start_run``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def environment(seeds: list[int] | None = None, command: list[str] | None = None
             gpu, device_count = torch.cuda.get_device_name(0), torch.cuda.device_count()
     except ImportError:
         pass
+    from sessions.distributed import context
+
     sha, dirty = git_state()
     try:
         mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
@@ -80,6 +83,7 @@ def environment(seeds: list[int] | None = None, command: list[str] | None = None
     return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "git_sha": sha, "git_dirty": dirty, "command": command or sys.argv,
             "seeds": seeds, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "backend": context().backend,  # None: one process
             "host": platform.node(), "cpu": _cpu_model(), "cores": os.cpu_count(),
             "mem_gib": mem, "gpu": gpu, "gpus": device_count,
             "python": platform.python_version(), "versions": versions}
@@ -112,8 +116,13 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def start_run(folder: Path, config: dict, seeds: list[int] | None = None) -> Path:
-    """Create the folder, write ``config.yaml`` and ``env.json``."""
+    """Create the folder, write ``config.yaml`` and ``env.json`` (rank 0 of a distributed job;
+    the other ranks write nothing)."""
+    from sessions.distributed import is_main
+
     folder = Path(folder)
+    if not is_main():
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     write_yaml(folder / "config.yaml", config)
     write_json(folder / "env.json", environment(seeds))

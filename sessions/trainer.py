@@ -14,6 +14,10 @@ go through ``Trainer`` with an objective (``sessions.objectives``).
   loads are summed on the device and read every ``log_every`` steps into ``metrics.jsonl``.
 * Checkpoints (``checkpoint/``, atomic) every ``checkpoint_every`` steps and at the end; a
   resumed run continues exactly (batches are a function of (seed, step)).
+* Under ``torchrun`` (``WORLD_SIZE`` > 1) ``sessions.distributed`` wraps the model (DDP, or
+  FSDP2 with ``train.parallel=fsdp``), gives each rank its slice of every global batch and
+  sums router loads over the ranks; rank 0 alone logs, shows progress and writes. With
+  ``WORLD_SIZE`` unset none of it runs.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +37,7 @@ from tqdm import tqdm
 from mhc.config import TrainConfig
 from mhc.moe import FFNAux
 from mhc.stats import layer_stats, summarize
-from sessions import checkpoint
+from sessions import checkpoint, distributed
 from sessions.objectives import backbone_of, move
 
 
@@ -82,12 +87,18 @@ class Trainer:
                  desc: str = "train"):
         """``config``: the run's plain config, saved beside every checkpoint."""
         self.train, self.objective, self.out_dir = train, objective, Path(out_dir)
-        self.config, self.kind, self.progress, self.desc = config, kind, progress, desc
+        self.config, self.kind, self.desc = config, kind, desc
         if train.threads:
             torch.set_num_threads(train.threads)
-        self.device = pick_device(train.device)
+        self.dist = distributed.setup()  # one process: rank 0 of 1, and nothing else changes
+        self.progress = progress and self.dist.is_main
+        self.device = distributed.train_device(self.dist, pick_device(train.device))
         self.model = model.to(self.device)
         self.step_model = torch.compile(self.model) if train.compile else self.model
+        self.parallel = None  # several ranks: DDP or FSDP2 (which shards: before the optimizer)
+        if self.dist.enabled:
+            self.parallel = distributed.DataParallel(self.dist, self.model, objective, train,
+                                                     self.step_model, self.device)
         self.optimizer = make_optimizer(self.model, train, self.device)
         self.graph = None  # train.cuda_graph: the step captured once, replayed
         if train.cuda_graph:
@@ -110,10 +121,12 @@ class Trainer:
         (what ``sessions.graph_step`` captures)."""
         t = self.train
         with autocast(self.device):
-            out = self.objective.loss(self.step_model, batch)
+            out = self.objective.loss(self.step_model, batch) if self.parallel is None else \
+                self.parallel.loss(batch)
         out.loss.backward()
         if t.grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            grad_norm = distributed.full_tensor(  # FSDP: the norm of the sharded gradients
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip))
         else:
             grad_norm = torch.zeros((), device=self.device)
         self.optimizer.step()
@@ -124,18 +137,22 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------
     def fit(self, resume: Path | None = None) -> TrainResult:
         t = self.train
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        main = self.dist.is_main  # the one writer of a distributed job
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         start = 0
         if resume is not None:
-            start = checkpoint.load(resume, self.model, self.optimizer)
+            start = self.load(resume)
         metrics_path = self.out_dir / "metrics.jsonl"
-        _keep_rows_up_to(metrics_path, start)  # a resumed run rewrites what came after
+        if main:
+            _keep_rows_up_to(metrics_path, start)  # a resumed run rewrites what came after
         end = min(t.steps, t.stop_after) if t.stop_after else t.steps
-        acc = _Window(self.device) if self.graph is None else self.graph.window()
+        reduce = self.parallel.mean_over_ranks if self.parallel is not None else None
+        acc = _Window(self.device, reduce) if self.graph is None else self.graph.window()
         began = time.perf_counter()
         last_loss, val = float("nan"), {}
         self.model.train()
-        with metrics_path.open("a") as metrics, tqdm(
+        with (metrics_path.open("a") if main else open(os.devnull, "w")) as metrics, tqdm(
                 total=t.steps, initial=start, disable=not self.progress, mininterval=2.0,
                 dynamic_ncols=True, desc=self.desc) as bar:
             for step in range(start, end):
@@ -153,7 +170,9 @@ class Trainer:
                 if done % t.eval_every == 0 and done != end:
                     val = self._validate()
                     metrics.write(json.dumps({"step": done, "val": val}) + "\n")
-                    bar.write(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
+                    if main:
+                        bar.write(f"step {done}: "
+                                  + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
                 if done % t.checkpoint_every == 0 and done != end:
                     self.save(done)
             train_seconds = time.perf_counter() - began
@@ -167,20 +186,32 @@ class Trainer:
         was = self.model.training
         self.model.eval()
         try:
+            if self.parallel is not None:
+                return self.parallel.validate(self.device, autocast(self.device))
             return self.objective.validate(self.model, self.device, autocast(self.device))
         finally:
             self.model.train(was)
 
     def save(self, step: int, extra: dict | None = None) -> Path:
+        if self.parallel is not None:  # the full state, written by rank 0
+            return self.parallel.save(self.out_dir / "checkpoint", self.optimizer, self.config,
+                                      step, extra, self.kind)
         return checkpoint.save(self.out_dir / "checkpoint", self.model, self.optimizer,
                                self.config, step, extra, kind=self.kind)
+
+    def load(self, folder: Path) -> int:
+        """Weights and optimizer state of a checkpoint (saved on any world size); the step."""
+        if self.parallel is not None:
+            return self.parallel.load(folder, self.optimizer)
+        return checkpoint.load(folder, self.model, self.optimizer)
 
 
 class _Window:
     """Sums of a logging window's step statistics, kept on the device until read."""
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self, device, reduce=None):
+        """``reduce(sums, tokens)``: the window over every rank (``DataParallel``)."""
+        self.device, self.reduce = device, reduce
         self._reset()
 
     def _reset(self):
@@ -207,8 +238,11 @@ class _Window:
     def read(self, step: int, lr: float, elapsed: float) -> dict:
         """The window's means as a metrics row (the one host synchronisation)."""
         now = time.perf_counter()
-        row = {"step": step, **{k: float(v) / self.n for k, v in self.sums.items()},
-               "lr": lr, "tokens_per_s": self.tokens / max(now - self.t0, 1e-9),
+        sums, tokens = self.sums, self.tokens
+        if self.reduce is not None:  # counts are global already (summed in the forward)
+            sums, tokens = self.reduce(sums, tokens)
+        row = {"step": step, **{k: float(v) / self.n for k, v in sums.items()},
+               "lr": lr, "tokens_per_s": tokens / max(now - self.t0, 1e-9),
                "elapsed_s": elapsed}
         if self.counts is not None:
             zero = torch.zeros(())
@@ -229,7 +263,8 @@ def _keep_rows_up_to(path: Path, step: int) -> None:
 def plan_steps(model: torch.nn.Module, objective, train: TrainConfig, n: int = 3) -> TrainConfig:
     """With ``max_minutes`` > 0: time ``n`` steps (after one warm-up) on a copy of the model
     and set ``steps`` to what fits the budget; the copy is thrown away, so training itself
-    depends only on the resulting step count."""
+    depends only on the resulting step count (under torchrun: the ranks time their steps
+    together and all take rank 0's count)."""
     if not train.max_minutes:
         return train
     probe = Trainer(copy.deepcopy(model), objective, replace(train, compile=False),
@@ -245,5 +280,5 @@ def plan_steps(model: torch.nn.Module, objective, train: TrainConfig, n: int = 3
     if probe.device.type == "cuda":
         torch.cuda.synchronize()
     per_step = (time.perf_counter() - began) / n
-    steps = max(1, int(train.max_minutes * 60 / per_step))
+    steps = distributed.broadcast_int(max(1, int(train.max_minutes * 60 / per_step)))
     return replace(train, steps=steps, max_minutes=0.0)
