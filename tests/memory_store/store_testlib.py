@@ -1,10 +1,37 @@
-"""Test helpers: random traces and an in-RAM dict model of the store (the reference)."""
+"""Test helpers: random traces, a hashing embedder and an in-RAM dict model of the store (the
+reference). Imported by module name: ``conftest`` is ambiguous across test folders."""
 
 from __future__ import annotations
+
+import hashlib
+import re
 
 import numpy as np
 
 from memory_store import Trace
+
+
+class HashEmbedder:
+    """Bag-of-words hashing embedder (deterministic, no model): similar words, similar vectors."""
+
+    name = "hash"
+    dim = 32
+
+    def __init__(self):
+        self.calls = 0
+        self.encoded = 0
+
+    def encode(self, texts):
+        self.calls += 1
+        self.encoded += len(texts)
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for j, t in enumerate(texts):
+            for w in re.findall(r"[a-z0-9]+", t.lower()):
+                h = int(hashlib.md5(w.encode()).hexdigest(), 16)
+                out[j, h % self.dim] += 1.0 if (h >> 8) % 2 else -1.0
+            n = np.linalg.norm(out[j])
+            out[j] = out[j] / n if n else out[j]
+        return out
 
 
 class DictModel:

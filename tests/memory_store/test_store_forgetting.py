@@ -6,10 +6,9 @@ import os
 
 import numpy as np
 import pytest
-from conftest import HashEmbedder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from store_testlib import abandon
+from store_testlib import HashEmbedder, abandon
 
 from memory_store import (
     IndexConfig,

@@ -10,10 +10,9 @@
 """
 
 import numpy as np
-from conftest import HashEmbedder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from store_testlib import abandon
+from store_testlib import HashEmbedder, abandon
 
 from memory_store import IndexConfig, Scope, Trace, TraceStore
 

@@ -191,7 +191,7 @@ WORDS = ["apple", "river", "stone", "music", "green", "cloud", "paper", "light",
 def test_lexical_index_kept_up_to_date_equals_a_rebuild(tmp_path_factory, ops, seed):
     """The writer's cached BM25 index follows appends in place (and rebuilds after deletes
     or rewrites); every search equals that of an index built from scratch."""
-    from conftest import HashEmbedder
+    from store_testlib import HashEmbedder
 
     from memory_store import TraceStore
     rng = np.random.default_rng(seed)
