@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 FFN_KINDS = ("dense", "flat_moe", "group_limited", "hierarchical", "progressive")
 SHARING_MODES = ("none", "base", "lowrank")
-PARALLEL_MODES = ("ddp", "fsdp")  # sessions.distributed
+PARALLEL_MODES = ("ddp", "fsdp", "ep")  # sessions.distributed
 DATA_KINDS = ("shakespeare", "synthetic", "mixed", "domains")  # sessions.data.build_streams
 
 
@@ -159,7 +159,8 @@ class TrainConfig:
     cuda_graph: bool = False
     # under torchrun (WORLD_SIZE > 1): ddp replicates the model and averages gradients; fsdp
     # shards parameters, gradients and optimizer state per block (FSDP2 fully_shard) for a
-    # model that does not fit one GPU. Ignored in one process. docs/distributed.md
+    # model that does not fit one GPU; ep places every MoE layer's experts on the ranks
+    # (all-to-all) and replicates the rest (DDP). Ignored in one process. docs/distributed.md
     parallel: str = "ddp"
     out_dir: str = "runs/default"
     device: str = "auto"

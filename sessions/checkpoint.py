@@ -91,15 +91,21 @@ def load_experiment_config(folder: Path):
     return from_plain(info["config"], str(folder))
 
 
-def load(folder: Path, model: torch.nn.Module,
-         optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Load weights (and optimizer state) in place; returns the step."""
+def weights_file(folder: Path) -> tuple[Path, int]:
+    """A checkpoint's ``model.safetensors`` and its step (checked against ``config.json``)."""
     folder = Path(folder)
     step = int(read_info(folder)["step"])
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{folder}: model.safetensors missing")
     _check_step(weights, step)
+    return weights, step
+
+
+def load(folder: Path, model: torch.nn.Module,
+         optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Load weights (and optimizer state) in place; returns the step."""
+    weights, step = weights_file(folder)
     missing, unexpected = load_model(model, str(weights), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{folder}: weights do not match the model "

@@ -11,9 +11,11 @@ unchanged. Under ``torchrun --nproc_per_node=N [--nnodes ...] $(command -v engra
   of whole episodes of an episode batch. A global batch is the one-process batch.
 * **Gradients** (``DataParallel``): ``train.parallel=ddp`` (default) replicates the model and
   averages gradients (DDP); ``fsdp`` shards parameters, gradients and optimizer state per
-  block (FSDP2 ``fully_shard``) and reduce-scatters averaged gradients. Each rank's loss is
-  the mean over its slice, so for the text objective the averaged gradient is the
-  one-process gradient up to float summation order.
+  block (FSDP2 ``fully_shard``) and reduce-scatters averaged gradients; ``ep`` places every
+  MoE layer's experts on the ranks (``sessions.expert_parallel``, all-to-all dispatch and
+  combine) and replicates the rest under DDP. Each rank's loss is the mean over its slice,
+  so for the text objective the averaged gradient is the one-process gradient up to float
+  summation order.
 * **Router loads**: in a training step's forward every MoE layer sums its expert counts over
   the ranks (``mhc.moe`` counts hook, one all-reduce of E integers per layer), so the
   load-balance loss, the logged load statistics and the bias-balancing updates all see the
@@ -22,9 +24,10 @@ unchanged. Under ``torchrun --nproc_per_node=N [--nnodes ...] $(command -v engra
   all-reduce every ``log_every`` steps); rank 0 alone writes metrics, progress bars, the run
   folder and checkpoints (stdout of the other ranks is silenced).
 * **Checkpoints**: the full state in the one-process files (``sessions.checkpoint``): DDP saves
-  rank 0's replica; FSDP gathers the full state to rank 0 (DCP ``get_*_state_dict``). Loading
-  works on any world size: DDP ranks each read the files, FSDP reads them on rank 0 and
-  broadcasts (``set_*_state_dict``).
+  rank 0's replica; FSDP gathers the full state to rank 0 (DCP ``get_*_state_dict``), EP
+  all-gathers the experts. Loading works on any world size: DDP ranks each read the files,
+  FSDP reads them on rank 0 and broadcasts (``set_*_state_dict``), EP ranks read their
+  experts' slices.
 """
 
 from __future__ import annotations
@@ -88,6 +91,14 @@ def setup() -> Context:
 
 def _teardown() -> None:
     if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def finish() -> None:
+    """Leave the process group together (after training), so that rank 0 can go on alone
+    (evaluation) with no communicator open while the other ranks exit."""
+    if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -239,8 +250,8 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 class DataParallel:
-    """DDP or FSDP2 around a trainer's model and objective (``sessions.trainer`` uses it when
-    the job has several ranks)."""
+    """DDP, FSDP2 or DDP with placed experts around a trainer's model and objective
+    (``sessions.trainer`` uses it when the job has several ranks)."""
 
     def __init__(self, ctx: Context, model: nn.Module, objective, train, step_model,
                  device: torch.device):
@@ -249,17 +260,24 @@ class DataParallel:
         if train.cuda_graph:
             raise ValueError("TrainConfig.cuda_graph: a captured step is single-process; "
                              f"this job has {ctx.world_size} ranks (train without it)")
-        if train.compile and train.parallel == "fsdp":
-            raise ValueError("TrainConfig.compile: not supported with train.parallel=fsdp yet "
-                             "(use ddp, or train without compile)")
+        if train.compile and train.parallel != "ddp":
+            raise ValueError(f"TrainConfig.compile: not supported with train.parallel="
+                             f"{train.parallel} yet (use ddp, or train without compile)")
         if not hasattr(objective, "shard"):
             raise TypeError(f"{type(objective).__name__} cannot shard its batches over ranks "
                             "(it has no `shard` attribute)")
         self.ctx, self.model, self.mode = ctx, model, train.parallel
         Shard(ctx.rank, ctx.world_size).bounds(train.batch_size)  # fail before anything runs
         objective.shard = Shard(ctx.rank, ctx.world_size)
+        # fsdp, ep: rank 0 keeps a full copy on the CPU, which checkpoints gather into
+        self.shadow = copy.deepcopy(model).cpu() if ctx.is_main and self.mode != "ddp" else None
+        self.placed = None
+        if self.mode == "ep":
+            from sessions.expert_parallel import PlacedExperts
+
+            self.placed = PlacedExperts(model, ctx.world_size)
         module = StepModule(model, objective, step_model)
-        if self.mode == "ddp":
+        if self.mode in ("ddp", "ep"):
             from torch.nn.parallel import DistributedDataParallel
 
             # biases move identically on every rank (global counts): no buffer broadcasts
@@ -267,17 +285,17 @@ class DataParallel:
             # module unused (a batch without probes or context)
             no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
                 DistributedDataParallel).parameters else "broadcast_buffers"
+            if self.placed is not None:  # each rank's own experts: not all-reduced
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    module, [f"model.{n}" for n in self.placed.params])
             self.wrapped = DistributedDataParallel(
                 module, device_ids=[device.index] if device.type == "cuda" else None,
                 gradient_as_bucket_view=True, **{no_sync: False},
                 find_unused_parameters=getattr(objective, "name", "") != "lm")
-            self.shadow = None
         else:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
-            # rank 0 keeps a full copy on the CPU: checkpoints gather into it, loads read it
-            self.shadow = copy.deepcopy(model).cpu() if ctx.is_main else None
             mesh = init_device_mesh(device.type, (ctx.world_size,))
             # FSDP cannot shard 0-d parameters (Engram's scales and gates): they stay
             # replicated and their gradients are averaged as they arrive
@@ -295,11 +313,17 @@ class DataParallel:
             loss, out = self.wrapped(batch)
         return replace(out, loss=loss)
 
+    def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
+        """The gradient norm over the whole model, clipped to ``max_norm``."""
+        if self.placed is not None:
+            return self.placed.clip_grad_norm(params, max_norm)
+        return full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
     @torch.no_grad()
     def validate(self, device, autocast) -> dict:
-        """Validation runs whole on every rank (the same numbers everywhere); FSDP needs every
-        rank in every forward."""
-        if self.mode == "ddp":
+        """Validation runs whole on every rank (the same numbers everywhere); FSDP and EP
+        need every rank in every forward."""
+        if self.mode != "fsdp":
             return self.wrapped.module.objective.validate(self.model, device, autocast)
         return self.wrapped(None, validate=(device, autocast))
 
@@ -324,6 +348,12 @@ class DataParallel:
             if self.ctx.is_main:
                 checkpoint.save(folder, self.model, optimizer, config, step, extra, kind)
             return Path(folder)
+        if self.mode == "ep":
+            weights, state = self.placed.full_state(self.model, optimizer)  # every rank
+            if self.ctx.is_main:
+                self.shadow.load_state_dict(weights)
+                checkpoint.save(folder, self.shadow, state, config, step, extra, kind)
+            return Path(folder)
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -344,6 +374,8 @@ class DataParallel:
 
         if self.mode == "ddp":
             return checkpoint.load(folder, self.model, optimizer)
+        if self.mode == "ep":
+            return self.placed.load(folder, self.model, optimizer)
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
@@ -361,8 +393,8 @@ class DataParallel:
         return broadcast_int(step)
 
     def plain_model(self) -> nn.Module | None:
-        """The trained model as one process holds it (rank 0; FSDP: the copy the last
-        checkpoint filled); None on the other ranks of an FSDP job."""
+        """The trained model as one process holds it (rank 0; FSDP, EP: the copy the last
+        checkpoint filled); None on the other ranks of an FSDP or EP job."""
         return self.model if self.mode == "ddp" else self.shadow
 
 

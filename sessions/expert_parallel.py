@@ -1,8 +1,8 @@
 """Expert parallelism: the experts of an MoE layer placed on the ranks, each routed row sent
 to the rank that owns its expert and its output sent back (all-to-all).
 
-Built and tested on gloo (CPU); not yet a ``train.parallel`` mode (docs/distributed.md says
-what wiring it into the trainer takes).
+``train.parallel=ep`` (``PlacedExperts``, used by ``sessions.distributed``) trains with every
+MoE layer's experts placed on the ranks and everything else replicated under DDP.
 
 * ``ExpertPlacement(n_slots, world_size)``: rank r owns the contiguous expert slots
   ``r·L .. (r+1)·L - 1`` (L = P / W; slots are the experts' storage order, component-major:
@@ -17,9 +17,11 @@ what wiring it into the trainer takes).
   ``MHCFFN``: it keeps only this rank's experts (``sharing=none``: a shared base would span
   ranks) and computes ``dispatch -> local experts -> combine``.
 
-Gradients: a local expert's gradient sums the contributions of every rank's tokens; under
-data parallelism (each rank's loss a mean over its slice) divide it by W, and leave expert
-parameters out of the data-parallel all-reduce.
+* ``PlacedExperts(model, W)``: places the experts of every block (``sharing=none``), keeps
+  the expert parameters out of DDP's all-reduce and divides their gradients by W (a local
+  expert's gradient sums the contributions of every rank's tokens, and each rank's loss is
+  a mean over its slice), clips by the norm over all ranks' experts, gathers the full state
+  for checkpoints (the one-process files) and loads a checkpoint's slices.
 
 Shape legend: N this rank's routed rows, P slots, L = P / W local slots, M rows this rank's
 experts compute, D model dim, W ranks.
@@ -29,10 +31,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 
@@ -82,8 +84,7 @@ class ExpertParallel:
         recv_WL = torch.empty_like(send_WL)
         dist.all_to_all_single(recv_WL, send_WL, group=self.group)
         sent, received = send_WL.sum(1).tolist(), recv_WL.sum(1).tolist()  # the host sync
-        x_MD = dist_fn.all_to_all_single(x_ND.new_empty(sum(received), x_ND.shape[1]), x_ND,
-                                         received, sent, group=self.group)
+        x_MD = _AllToAll.apply(x_ND, received, sent, self.group)
         # received rows come source-major (rank s: its rows of slot 0, 1, ...): sort by slot
         slot_M = torch.repeat_interleave(torch.arange(L, device=x_ND.device).repeat(W),
                                          recv_WL.flatten().to(x_ND.device))
@@ -93,8 +94,26 @@ class ExpertParallel:
     def combine(self, y_MD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """Outputs in the local-slot order back to the ranks and rows they came from."""
         back_MD = y_MD[torch.argsort(plan.order_M)]
-        return dist_fn.all_to_all_single(y_MD.new_empty(sum(plan.sent), y_MD.shape[1]),
-                                         back_MD, plan.sent, plan.received, group=self.group)
+        return _AllToAll.apply(back_MD, plan.sent, plan.received, self.group)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows to the ranks (``sent[q]`` rows to rank q, ``received[q]`` from it); the backward
+    sends the gradients back the same way reversed."""
+
+    @staticmethod
+    def forward(ctx, x_ND, received: list[int], sent: list[int], group):
+        ctx.received, ctx.sent, ctx.group = received, sent, group
+        out = x_ND.new_empty(sum(received), *x_ND.shape[1:])
+        dist.all_to_all_single(out, x_ND.contiguous(), received, sent, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_MD):
+        grad = grad_MD.new_empty(sum(ctx.sent), *grad_MD.shape[1:])
+        dist.all_to_all_single(grad, grad_MD.contiguous(), ctx.sent, ctx.received,
+                               group=ctx.group)
+        return grad, None, None, None
 
 
 class ExpertParallelExperts(nn.Module):
@@ -116,3 +135,98 @@ class ExpertParallelExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, counts_P: torch.Tensor) -> torch.Tensor:
         x_MD, counts_L, plan = self.ep.dispatch(x_ND, counts_P)
         return self.ep.combine(self.local(x_MD, counts_L), plan)
+
+
+class PlacedExperts:
+    """``train.parallel=ep``: the experts of every MoE layer of ``model`` placed on the ranks
+    (the rest of the model is replicated; ``sessions.distributed`` wraps it in DDP)."""
+
+    LOCAL, FULL = ".experts.local.", ".experts."
+
+    def __init__(self, model: nn.Module, world_size: int):
+        from sessions.objectives import backbone_of
+
+        backbone = backbone_of(model)
+        if not backbone.cfg.ffn.is_moe:
+            raise ValueError("TrainConfig.parallel: ep places the experts of an MoE FFN; "
+                             f"model.ffn.kind={backbone.cfg.ffn.kind} has none")
+        self.ep = ExpertParallel(ExpertPlacement(backbone.cfg.ffn.n_experts, world_size))
+        for block in backbone.blocks:
+            block.ffn.experts = ExpertParallelExperts(block.ffn.experts, self.ep)
+        self.params = {n: p for n, p in model.named_parameters() if self.LOCAL in n}
+        for p in self.params.values():
+            p.register_post_accumulate_grad_hook(_mean_over_ranks)
+        self.slots = self.ep.placement.slots(self.ep.rank)
+
+    def full_name(self, name: str) -> str:
+        return name.replace(self.LOCAL, self.FULL)
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(self.ep.placement.world_size)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over the whole model: the replicated gradients
+        once, the experts of every rank."""
+        params = [p for p in params if p.grad is not None]
+        local = {id(p) for p in self.params.values()}
+
+        def squares(ps):
+            return torch.stack([p.grad.detach().float().pow(2).sum() for p in ps]).sum() \
+                if ps else torch.zeros((), device=params[0].grad.device)
+
+        experts = squares([p for p in params if id(p) in local])
+        dist.all_reduce(experts)
+        total = (squares([p for p in params if id(p) not in local]) + experts).sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in params:
+            p.grad.mul_(coef.to(p.grad.dtype))
+        return total
+
+    def full_state(self, model: nn.Module, optimizer) -> tuple[dict, dict]:
+        """The one-process model state (names without ``local``) and optimizer state, experts
+        gathered from every rank (collectives: every rank calls it)."""
+        weights = {self.full_name(n): self._gather(t) if n in self.params else t
+                   for n, t in model.state_dict().items()}
+        state = optimizer.state_dict()
+        order = [p for g in optimizer.param_groups for p in g["params"]]
+        local = {id(p) for p in self.params.values()}
+        for i, slots in state["state"].items():
+            if id(order[i]) in local:
+                state["state"][i] = {k: self._gather(v) if torch.is_tensor(v) and v.dim() else v
+                                     for k, v in slots.items()}
+        return weights, state
+
+    def load(self, folder: Path, model: nn.Module, optimizer) -> int:
+        """A checkpoint (saved on any world size) into this rank's slice; returns the step."""
+        from safetensors import safe_open
+
+        from sessions import checkpoint
+
+        path, step = checkpoint.weights_file(folder)
+        lo, hi = self.slots.start, self.slots.stop
+        state, loaded = model.state_dict(), set()
+        with torch.no_grad(), safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            for name, t in state.items():
+                src = self.full_name(name)
+                if src in keys:  # a tied weight is stored once, under one of its names
+                    t.copy_(f.get_slice(src)[lo:hi] if name in self.params else f.get_tensor(src))
+                    loaded.add(t.data_ptr())
+        missing = [n for n, t in state.items() if t.data_ptr() not in loaded]
+        if missing:
+            raise checkpoint.CheckpointError(f"{folder}: weights do not match the model "
+                                             f"(missing {missing})")
+        saved = checkpoint.load_optimizer_state(folder)
+        order = [p for g in optimizer.param_groups for p in g["params"]]
+        local = {id(p) for p in self.params.values()}
+        for i, slots in saved["state"].items():
+            if id(order[i]) in local:
+                saved["state"][i] = {k: v[lo:hi] if v.dim() else v for k, v in slots.items()}
+        optimizer.load_state_dict(saved)
+        return step
+
+
+def _mean_over_ranks(p: torch.Tensor) -> None:
+    p.grad.div_(dist.get_world_size())

@@ -16,8 +16,7 @@ from pathlib import Path
 import yaml
 
 from engram.model import EngramModel
-from sessions import report
-from sessions.distributed import is_main
+from sessions import distributed, report
 from sessions.experiment import ExperimentConfig, to_plain
 from sessions.pipeline import (
     arm_folder,
@@ -65,7 +64,8 @@ def run_experiment(exp: ExperimentConfig, out_dir: Path, checkpoint: Path | None
         start_run(out_dir, plain, seeds=[exp.train.seed])
     episodes = evaluation_episodes(exp)  # checked before training or writing anything
     model, trained = model_for(exp, out_dir, checkpoint, progress, resume)
-    if not is_main():  # torchrun: every rank trained; rank 0 alone evaluates and writes
+    distributed.finish()  # torchrun: every rank trained; rank 0 alone evaluates and writes
+    if not distributed.is_main():
         return None
     arms = [exp.memory] + (["trained-off"] if exp.memory == "on" and exp.eval.compare_off
                            else [])

@@ -125,8 +125,9 @@ class Trainer:
                 self.parallel.loss(batch)
         out.loss.backward()
         if t.grad_clip:
-            grad_norm = distributed.full_tensor(  # FSDP: the norm of the sharded gradients
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip))
+            params = self.model.parameters()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) \
+                if self.parallel is None else self.parallel.clip_grad_norm(params, t.grad_clip)
         else:
             grad_norm = torch.zeros((), device=self.device)
         self.optimizer.step()

@@ -4,7 +4,8 @@
 
 ``SPEC.json`` is a list of jobs ``{"name", "kind": lm|episodes|run|experts, "overrides",
 "resume"}``; the first three run through the real pipeline functions (``train_backbone``,
-``train_model``, ``run_experiment``) into ``OUT_DIR/<name>``; ``experts`` compares an MoE
+``train_model``, ``run_experiment``: the last job, it leaves the process group after
+training) into ``OUT_DIR/<name>``; ``experts`` compares an MoE
 layer with expert parallelism against the same layer replicated. Every rank writes what it
 saw to ``OUT_DIR/rank<r>.json``: the expert counts each training step's bias update
 received, and the job's result.

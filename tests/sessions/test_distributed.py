@@ -2,10 +2,11 @@
 torchrun with gloo on CPU, through the real pipeline (``distributed_worker.py`` and the
 ``engram`` CLI).
 
-* text objective, DDP and FSDP2: every step's loss equals the one-process loss on the same
-  global batch within ``LOSS_TOL``; every step's per-layer expert counts (what the bias
-  balancing sees) equal the one-process counts exactly, on both ranks;
-* checkpoints resume across world sizes (2 -> 1 and 1 -> 2, DDP and FSDP) with the
+* text objective, DDP, FSDP2 and DDP with experts placed on the ranks (EP): every step's
+  loss equals the one-process loss on the same global batch within ``LOSS_TOL``; every
+  step's per-layer expert counts (what the bias balancing sees) equal the one-process counts
+  exactly, on both ranks;
+* checkpoints resume across world sizes (2 -> 1 and 1 -> 2, DDP, FSDP and EP) with the
   uninterrupted run's next-step loss;
 * episodes: the step-1 loss is the mean of the two ranks' slices of the global batch
   (computed here in one process); DDP equals FSDP; later steps stay near one process;
@@ -92,11 +93,15 @@ def runs(tmp_path_factory):
                 {"name": "ddp-from-1", "kind": "lm", "overrides": LM, "resume": half},
                 {"name": "fsdp-from-1", "kind": "lm", "overrides": [*LM, "train.parallel=fsdp"],
                  "resume": half},
+                {"name": "ep", "kind": "lm", "overrides": [*LM, "train.parallel=ep",
+                                                           "train.stop_after=10"]},
+                {"name": "ep-from-1", "kind": "lm", "overrides": [*LM, "train.parallel=ep"],
+                 "resume": half},
                 {"name": "episodes", "kind": "episodes", "overrides": EPISODES},
                 {"name": "episodes-fsdp", "kind": "episodes",
                  "overrides": [*EPISODES, "train.parallel=fsdp"]},
-                {"name": "run", "kind": "run", "overrides": RUN},
-                {"name": "experts", "kind": "experts"}]
+                {"name": "experts", "kind": "experts"},
+                {"name": "run", "kind": "run", "overrides": RUN}]  # last: it ends the group
         spec = root / "spec.json"
         spec.write_text(json.dumps(jobs))
         worker = torchrun(str(Path(__file__).parent / "distributed_worker.py"), str(spec),
@@ -104,7 +109,8 @@ def runs(tmp_path_factory):
         ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)]
         cli = torchrun(engram_path(), "train", "debug", *LM, "train.stop_after=10", "--out",
                        str(root / "cli"))
-        for name, ckpt in (("ddp-to-1", root / "cli"), ("fsdp-to-1", root / "fsdp")):
+        for name, ckpt in (("ddp-to-1", root / "cli"), ("fsdp-to-1", root / "fsdp"),
+                           ("ep-to-1", root / "ep")):
             shutil.copytree(ckpt / "checkpoint", root / f"{name}-ckpt")
             one[name] = run_job({"kind": "lm", "overrides": LM,
                                  "resume": str(root / f"{name}-ckpt")}, root / name)
@@ -130,7 +136,7 @@ def test_two_ranks_train_like_one_process(runs):
     root, ref, ranks = runs["root"], runs["one"]["ref"], runs["ranks"]
     want = losses(root / "ref")
     assert sorted(want) == list(range(1, 21))
-    for name, steps in (("ddp", 20), ("fsdp", 10)):
+    for name, steps in (("ddp", 20), ("fsdp", 10), ("ep", 10)):
         got = losses(root / name)
         assert sorted(got) == list(range(1, steps + 1)), name  # one row per step: one writer
         for step, loss in got.items():
@@ -157,7 +163,8 @@ def test_checkpoints_resume_on_another_world_size(runs):
     root, want = runs["root"], losses(runs["root"] / "ref")
     info = json.loads((root / "cli" / "checkpoint" / "config.json").read_text())
     assert (info["step"], info["world_size"], info["parallel"]) == (10, 2, "ddp")
-    for name in ("ddp-to-1", "fsdp-to-1", "ddp-from-1", "fsdp-from-1"):
+    for name in ("ddp-to-1", "fsdp-to-1", "ep-to-1", "ddp-from-1", "fsdp-from-1",
+                 "ep-from-1"):
         got = losses(root / name)
         assert sorted(got) == list(range(11, 21)), name
         assert abs(got[11] - want[11]) <= LOSS_TOL, (name, got[11], want[11])
