@@ -212,28 +212,32 @@ def _claims(res: dict) -> list[str]:
             (f" ± {d.std:.1%}" if rel else f" ± {d.std * scale:.{digits}f}") * (d.std > 0) + \
             (" pts" if pct and not rel else "")
         return (f"{a.fmt(digits, pct)} vs {b.fmt(digits, pct)} ({shown}"
-                + (", within noise)" if noise else ")")), (d.mean, noise)
+                + (", within noise)" if noise else ")")), (d.mean, noise, len(pairs))
 
-    def verdict(d, better_if_negative: bool, what: str) -> str:
+    def verdict(d, better_if_negative: bool, what: str, exact: bool = False) -> str:
+        """``exact``: a deterministic quantity (parameter counts) needs no noise estimate;
+        anything trained or timed on one seed has none, and says so."""
         if d is None:
             return "not measured"
-        delta, noise = d
+        delta, noise, n = d
         if noise:
             return f"no measurable difference in {what}"
         good = delta < 0 if better_if_negative else delta > 0
-        return ("holds" if good else "does not hold") + f" here ({what})"
+        caveat = "" if exact or n > 1 else "; one seed, no noise estimate"
+        return ("holds" if good else "does not hold") + f" here ({what}{caveat})"
 
     params_total = lambda r: r["params"]["total"]  # noqa: E731
     params_active = lambda r: r["params"]["active"]  # noqa: E731
     for name in MHC:
         cell, d = compare(act.get(name, []), std, params_total, 0)
         rows.append(("25% fewer total parameters (900B vs 1.2T)", f"{name} vs {STANDARD}, "
-                     "active matching", cell, verdict(d, True, "sharing saves gate/up")))
+                     "active matching", cell,
+                     verdict(d, True, "sharing saves gate/up", exact=True)))
     for name in MHC:
         cell, d = compare(tot.get(name, []), tot.get(STANDARD, []), params_active, 0)
         rows.append(("fewer active parameters (28.1B vs 37.5B)", f"{name} vs {STANDARD}, "
                      "total matching (active matching: equal by design)", cell,
-                     verdict(d, True, "active per token")))
+                     verdict(d, True, "active per token", exact=True)))
     for backend in res["settings"]["latency_backends"]:
         key = f"{_backend(res).split(':')[0]}:{backend}"
         for name in ("progressive/none", "hierarchical/none"):

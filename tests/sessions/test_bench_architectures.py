@@ -164,6 +164,21 @@ def test_committed_table_is_the_committed_results_rendered():
         [json.loads(f.read_text()) for f in files])
 
 
+def test_one_seed_claims_say_they_have_no_noise_estimate():
+    """A trained or timed difference from one seed is not judged like one over seeds; parameter
+    counts are exact and need no noise estimate."""
+    res = json.loads((ROOT / "benchmarks/results/architectures_cpu.json").read_text())
+    one = {**res, "runs": [r for r in res["runs"] if r["seed"] == 0]}
+    lines = [x for x in arch_table.render([one]).splitlines() if x.startswith("| ")]
+    trained = [x for x in lines if "mixed bits/byte" in x and "not compared" not in x]
+    params = [x for x in lines if "sharing saves gate/up" in x]
+    assert trained and params
+    assert all("one seed, no noise estimate" in x for x in trained)
+    assert not any("noise estimate" in x for x in params)
+    both = arch_table.render([res])
+    assert "one seed, no noise estimate" not in both
+
+
 def _batch(cfg: ModelConfig, n: int = 6) -> Batch:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, cfg.seq_len + 1), generator=g)
