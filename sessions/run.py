@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from engram.model import EngramModel
+from sessions import checkpoint as checkpoints
 from sessions import distributed, report
 from sessions.experiment import ExperimentConfig, to_plain
 from sessions.pipeline import (
@@ -51,7 +52,15 @@ def model_for(exp: ExperimentConfig, out_dir: Path, checkpoint: Path | None, pro
         plain = EngramModel(trained.model, replace(model.cfg, enabled=False))
         plain.backbone.load_state_dict(model.backbone.state_dict())
         model = plain
-    return model, {"steps": trained.train.steps, "checkpoint_task": trained.task}
+    return model, {"steps": trained.train.steps, "seed": trained.train.seed,
+                   "checkpoint_task": trained.task}
+
+
+def training_seed(exp: ExperimentConfig, checkpoint: Path | None) -> int:
+    """The seed the evaluated model was trained with (``--checkpoint``: that run's)."""
+    if checkpoint is None:
+        return exp.train.seed
+    return int(checkpoints.read_info(checkpoint)["config"]["train"]["seed"])
 
 
 def run_experiment(exp: ExperimentConfig, out_dir: Path, checkpoint: Path | None = None,
@@ -61,7 +70,7 @@ def run_experiment(exp: ExperimentConfig, out_dir: Path, checkpoint: Path | None
     if resume:
         _check_resumable(out_dir, plain)
     if not (resume and (out_dir / "env.json").exists()):
-        start_run(out_dir, plain, seeds=[exp.train.seed])
+        start_run(out_dir, plain, seeds=[training_seed(exp, checkpoint)])
     episodes = evaluation_episodes(exp)  # checked before training or writing anything
     model, trained = model_for(exp, out_dir, checkpoint, progress, resume)
     distributed.finish()  # torchrun: every rank trained; rank 0 alone evaluates and writes
@@ -72,7 +81,7 @@ def run_experiment(exp: ExperimentConfig, out_dir: Path, checkpoint: Path | None
     summaries = {a: evaluate_arm(model, Arm.parse(a), exp, episodes, out_dir / arm_folder(a),
                                  progress, resume) for a in arms}
     summary = {"experiment": exp.name, "task": task_spec(exp.make_task("eval")),
-               "seed": exp.train.seed, "steps": trained["steps"],
+               "seed": trained.get("seed", exp.train.seed), "steps": trained["steps"],
                "episodes": len(episodes), "arms": summaries}
     if exp.eval.episodes_file:
         summary["episodes_file"] = Path(exp.eval.episodes_file).name

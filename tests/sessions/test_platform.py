@@ -136,9 +136,14 @@ def test_own_episodes_run_through_the_same_runner(smoke_run, tmp_path):
     eps.write_text("".join(json.dumps(e) + "\n" for e in mine))
     out = tmp_path / "run"
     assert cli.main(["run", SMOKE, "--out", str(out), "--quiet", "--checkpoint",
-                     str(smoke_run / "checkpoint"), "--episodes", str(eps)]) == 0
+                     str(smoke_run / "checkpoint"), "--episodes", str(eps),
+                     "train.seed=99"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["episodes"] == 3 and summary["episodes_file"] == "mine.jsonl"
+    # the evaluated model's own training seed, not the (unused) one of this command's config
+    trained = json.loads((smoke_run / "summary.json").read_text())["seed"]
+    assert trained != 99 and summary["seed"] == trained
+    assert json.loads((out / "env.json").read_text())["seeds"] == [trained]
     with TraceStore.open(out / "on" / "store", mode="r") as store:
         assert set(store.namespaces()) == {"user-0", "user-1", "user-2"}
 
