@@ -102,12 +102,18 @@ class ObjectiveConfig:
     retrieve_all: bool = True  # train reading every eligible trace (top-k only at evaluation)
     write_backprop: bool = False  # backprop through the backbone's write pass (~3x the cost)
     probes_per_episode: int = 0  # > 0: score this many probes per episode and step (0: all)
+    # a probe tag (e.g. "distance"): sample the probes so that every value of the tag in a
+    # batch is equally likely (rare values, e.g. facts 4 sessions back, are trained as often)
+    balance_probes_by: str = ""
 
     def __post_init__(self) -> None:
         if self.answer_weight < 0:
             raise ValueError("ObjectiveConfig.answer_weight: must be >= 0")
         if self.probes_per_episode < 0:
             raise ValueError("ObjectiveConfig.probes_per_episode: must be >= 0")
+        if self.balance_probes_by and not self.probes_per_episode:
+            raise ValueError("ObjectiveConfig.balance_probes_by: needs probes_per_episode > 0 "
+                             "(it chooses which probes are sampled)")
 
 
 @dataclass

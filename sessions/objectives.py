@@ -20,6 +20,7 @@ batch (rows of a text batch; whole episodes, with the probes chosen over the glo
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +99,24 @@ class EpisodeBatch:
     ctx_episode: torch.Tensor  # their episode rows
 
 
+def sample_probes(eps: list[Episode], k: int, rng: random.Random, balance_by: str = ""
+                  ) -> set[tuple[int, int, int]]:
+    """``k`` probes of each episode, as ``(row, session, index)``: uniformly, or with
+    ``balance_by`` (a tag) weighted by 1 / (how often the probe's tag value occurs in the
+    batch), so every value is about equally likely (weighted sampling without replacement:
+    the k largest of u^(1/w), Efraimidis & Spirakis)."""
+    refs = [[((b, s, i), p.tags.get(balance_by)) for s, sess in enumerate(e.sessions)
+             for i, p in enumerate(sess.probes)] for b, e in enumerate(eps)]
+    if not balance_by:
+        return {r for row in refs for r in rng.sample([r for r, _ in row], min(k, len(row)))}
+    counts = Counter(v for row in refs for _, v in row)
+    chosen = set()
+    for row in refs:
+        keys = [(rng.random() ** counts[v], r) for r, v in row]  # u^(1/w), w = 1/count
+        chosen.update(r for _, r in sorted(keys, reverse=True)[:k])
+    return chosen
+
+
 class EpisodeObjective:
     name = "episodes"
     shard = None  # several ranks: this rank's episodes of every batch (set by the trainer)
@@ -125,11 +144,8 @@ class EpisodeObjective:
         eps = [with_references(e) for e in eps]  # training writes the reference solutions
         chosen = None
         if self.probes_per_episode and rng is not None:
-            chosen = set()
-            for b, e in enumerate(eps):
-                refs = [(b, s, i) for s, sess in enumerate(e.sessions)
-                        for i in range(len(sess.probes))]
-                chosen.update(rng.sample(refs, min(self.probes_per_episode, len(refs))))
+            chosen = sample_probes(eps, self.probes_per_episode, rng,
+                                   self.exp.objective.balance_probes_by)
         if shard is not None:
             eps, chosen = shard.episodes(eps, chosen)
         n_sessions = max(len(e.sessions) for e in eps)

@@ -10,7 +10,8 @@ import yaml
 from engram.config import resolve
 from sessions.experiment import apply_overrides, from_plain, load_experiment, to_plain
 
-SMOKE = str(Path(__file__).resolve().parents[2] / "configs" / "experiments" / "smoke.yaml")
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = str(ROOT / "configs" / "experiments" / "smoke.yaml")
 
 
 def test_resolved_config_round_trips_through_yaml():
@@ -65,3 +66,38 @@ def test_memory_flag_precedence(monkeypatch):
     assert resolve(exp.engram).enabled is False
     assert resolve(exp.engram, "trained-off").enabled and not resolve(exp.engram,
                                                                       "trained-off").read
+
+
+def test_probe_sampling_balanced_by_a_tag():
+    """``objective.balance_probes_by``: rare tag values are sampled about as often as common
+    ones (an independent count against the plain sampler); without it, the plain sampler."""
+    import random
+    from collections import Counter
+
+    from sessions.objectives import sample_probes
+
+    exp = load_experiment(ROOT / "configs/experiments/recall5.yaml", [])
+    task = exp.make_task("train")
+    eps = [task.episode("train", 0, i) for i in range(64)]
+    everything = Counter(p.tags["distance"] for e in eps for s in e.sessions for p in s.probes)
+
+    def share(balance_by: str) -> dict:
+        got = Counter()
+        for seed in range(20):
+            chosen = sample_probes(eps, 4, random.Random(seed), balance_by)
+            assert len(chosen) == 4 * len(eps)  # k distinct probes of every episode
+            got.update(eps[b].sessions[s].probes[i].tags["distance"] for b, s, i in chosen)
+        return {d: got[d] / everything[d] for d in everything}  # fraction of each value taken
+
+    plain, balanced = share(""), share("distance")
+    assert everything[4] < everything[1] / 10  # the rare value the option is for
+    assert balanced[4] > 2 * plain[4]
+    assert balanced[4] > balanced[1]  # rare values taken at a higher rate than common ones
+    rng_a, rng_b = random.Random(3), random.Random(3)
+    refs = [[(b, s, i) for s, sess in enumerate(e.sessions) for i in range(len(sess.probes))]
+            for b, e in enumerate(eps)]
+    assert sample_probes(eps, 4, rng_a) == {r for row in refs for r in rng_b.sample(row, 4)}
+    with pytest.raises(ValueError, match="balance_probes_by: needs probes_per_episode"):
+        load_experiment(ROOT / "configs/experiments/recall5.yaml",
+                        ["objective.probes_per_episode=0",
+                         "objective.balance_probes_by=distance"])
