@@ -16,6 +16,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from sessions.runs import cpu_model, mem_gib
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _PACKAGES = ("numpy", "faiss-cpu", "faiss-gpu-cu12", "lmdb", "torch", "sentence-transformers",
              "chromadb", "triton", "transformers")
@@ -38,24 +40,6 @@ def git_sha() -> str:
     return sha + ("+dirty" if dirty else "")
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _mem_gib() -> float | None:
-    try:
-        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        return None
-
-
 def environment() -> dict[str, Any]:
     versions = {}
     for p in _PACKAGES:
@@ -72,8 +56,8 @@ def environment() -> dict[str, Any]:
     except ImportError:
         pass
     return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "git_sha": git_sha(), "host": platform.node(), "cpu": _cpu_model(),
-            "cores": os.cpu_count(), "mem_gib": _mem_gib(), "gpu": gpu,
+            "git_sha": git_sha(), "host": platform.node(), "cpu": cpu_model(),
+            "cores": os.cpu_count(), "mem_gib": mem_gib(), "gpu": gpu,
             "python": platform.python_version(), "versions": versions}
 
 

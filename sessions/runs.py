@@ -34,7 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_state() -> tuple[str, bool]:
-    """(HEAD sha or "unknown", whether the tree has uncommitted changes)."""
+    """(HEAD sha or "unknown", whether the tree has uncommitted changes). ``BENCH_GIT_SHA``
+    overrides it for a clean copy of the tree whose ``.git`` is absent or stale (the GPU
+    machine's): the caller states the commit the copy was made from."""
+    if os.environ.get("BENCH_GIT_SHA"):
+        return os.environ["BENCH_GIT_SHA"], False
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
                              capture_output=True, check=True).stdout.strip()
@@ -45,7 +49,7 @@ def git_state() -> tuple[str, bool]:
     return sha, dirty
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -54,6 +58,13 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def mem_gib() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        return None
 
 
 def environment(seeds: list[int] | None = None, command: list[str] | None = None
@@ -76,16 +87,12 @@ def environment(seeds: list[int] | None = None, command: list[str] | None = None
     from sessions.distributed import context
 
     sha, dirty = git_state()
-    try:
-        mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        mem = None
     return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "git_sha": sha, "git_dirty": dirty, "command": command or sys.argv,
             "seeds": seeds, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             "backend": context().backend,  # None: one process
-            "host": platform.node(), "cpu": _cpu_model(), "cores": os.cpu_count(),
-            "mem_gib": mem, "gpu": gpu, "gpus": device_count,
+            "host": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(),
+            "mem_gib": mem_gib(), "gpu": gpu, "gpus": device_count,
             "python": platform.python_version(), "versions": versions}
 
 
