@@ -60,6 +60,17 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def portable(arg: str) -> str:
+    """A command-line argument with this checkout's absolute path taken out: a path inside the
+    repository (also as ``key=PATH``) becomes relative to its root, one beside it ``../...``,
+    so recorded commands name no machine's folders."""
+    key, sep, value = ("", "", arg) if arg.startswith("/") else arg.partition("=")
+    for root, prefix in ((ROOT, ""), (ROOT.parent, "../")):
+        if value.startswith(f"{root}/"):
+            return key + sep + prefix + value[len(f"{root}/"):]
+    return arg
+
+
 def mem_gib() -> float | None:
     try:
         return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
@@ -88,7 +99,8 @@ def environment(seeds: list[int] | None = None, command: list[str] | None = None
 
     sha, dirty = git_state()
     return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "git_sha": sha, "git_dirty": dirty, "command": command or sys.argv,
+            "git_sha": sha, "git_dirty": dirty,
+            "command": [portable(a) for a in (command or sys.argv)],
             "seeds": seeds, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             "backend": context().backend,  # None: one process
             "host": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(),

@@ -197,3 +197,13 @@ def test_traces_commands_take_a_run_folder(smoke_run, capsys):
     assert "recall-eval-10000-0" in capsys.readouterr().out
     assert cli.main(["traces", "verify", "--run", str(smoke_run)]) == 0
     assert cli.main(["traces", "list", "--run", str(smoke_run / "missing")]) == 2
+
+
+def test_recorded_commands_name_no_checkout_folders():
+    from sessions.runs import ROOT, environment
+
+    env = environment(command=["engram", "run", str(ROOT / "configs/x.yaml"),
+                               f"task.data={ROOT.parent}/shared/d.json", "--out", "/tmp/r",
+                               "train.steps=3"])
+    assert env["command"] == ["engram", "run", "configs/x.yaml", "task.data=../shared/d.json",
+                              "--out", "/tmp/r", "train.steps=3"]
