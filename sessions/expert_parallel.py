@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 
@@ -84,7 +85,8 @@ class ExpertParallel:
         recv_WL = torch.empty_like(send_WL)
         dist.all_to_all_single(recv_WL, send_WL, group=self.group)
         sent, received = send_WL.sum(1).tolist(), recv_WL.sum(1).tolist()  # the host sync
-        x_MD = _AllToAll.apply(x_ND, received, sent, self.group)
+        x_MD = dist_fn.all_to_all_single(x_ND.new_empty(sum(received), x_ND.shape[1]), x_ND,
+                                         received, sent, group=self.group)
         # received rows come source-major (rank s: its rows of slot 0, 1, ...): sort by slot
         slot_M = torch.repeat_interleave(torch.arange(L, device=x_ND.device).repeat(W),
                                          recv_WL.flatten().to(x_ND.device))
@@ -94,26 +96,8 @@ class ExpertParallel:
     def combine(self, y_MD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """Outputs in the local-slot order back to the ranks and rows they came from."""
         back_MD = y_MD[torch.argsort(plan.order_M)]
-        return _AllToAll.apply(back_MD, plan.sent, plan.received, self.group)
-
-
-class _AllToAll(torch.autograd.Function):
-    """Rows to the ranks (``sent[q]`` rows to rank q, ``received[q]`` from it); the backward
-    sends the gradients back the same way reversed."""
-
-    @staticmethod
-    def forward(ctx, x_ND, received: list[int], sent: list[int], group):
-        ctx.received, ctx.sent, ctx.group = received, sent, group
-        out = x_ND.new_empty(sum(received), *x_ND.shape[1:])
-        dist.all_to_all_single(out, x_ND.contiguous(), received, sent, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_MD):
-        grad = grad_MD.new_empty(sum(ctx.sent), *grad_MD.shape[1:])
-        dist.all_to_all_single(grad, grad_MD.contiguous(), ctx.sent, ctx.received,
-                               group=ctx.group)
-        return grad, None, None, None
+        return dist_fn.all_to_all_single(y_MD.new_empty(sum(plan.sent), y_MD.shape[1]),
+                                         back_MD, plan.sent, plan.received, group=self.group)
 
 
 class ExpertParallelExperts(nn.Module):
