@@ -203,7 +203,7 @@ def test_recorded_commands_name_no_checkout_folders():
     from sessions.runs import ROOT, environment
 
     env = environment(command=["engram", "run", str(ROOT / "configs/x.yaml"),
-                               f"task.data={ROOT.parent}/shared/d.json", "--out", "/tmp/r",
+                               f"task.data={ROOT.parent}/shared/d.json", "--out", "/elsewhere/r",
                                "train.steps=3"])
     assert env["command"] == ["engram", "run", "configs/x.yaml", "task.data=../shared/d.json",
-                              "--out", "/tmp/r", "train.steps=3"]
+                              "--out", "/elsewhere/r", "train.steps=3"]
