@@ -193,9 +193,10 @@ def _family(kernel: str) -> str:
     return "other elementwise / reductions"
 
 
-def gpu_busy(run, steps: int = 3) -> tuple[float, dict, list]:
+def gpu_busy(run, steps: int = 3, top: int = 8) -> tuple[float, dict, list]:
     """GPU-busy ms per step (device-side events only: CPU ops also report their kernels'
-    time, summing both would count it twice), by kernel family, and the top kernels."""
+    time, summing both would count it twice), by kernel family, and the ``top`` kernels as
+    (ms per step, launches per step, name)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -212,9 +213,9 @@ def gpu_busy(run, steps: int = 3) -> tuple[float, dict, list]:
             continue
         us = e.self_device_time_total / steps
         fam[_family(e.key)] = fam.get(_family(e.key), 0.0) + us / 1e3
-        kernels.append((us / 1e3, e.key[:90]))
+        kernels.append((round(us / 1e3, 4), e.count / steps, e.key[:90]))
     kernels.sort(reverse=True)
-    return sum(fam.values()), {k: round(v, 3) for k, v in sorted(fam.items())}, kernels[:8]
+    return sum(fam.values()), {k: round(v, 3) for k, v in sorted(fam.items())}, kernels[:top]
 
 
 def host_syncs(run) -> tuple[int, list[str]]:
@@ -300,7 +301,8 @@ def _time_row(run, args) -> dict:
     torch.cuda.reset_peak_memory_stats()
     step_s = time_steps(run, steps, args.windows)
     peak = torch.cuda.max_memory_allocated() / 2**30
-    busy_ms, families, top = gpu_busy(run, steps=1 if estimate > 0.5 else 3)
+    busy_ms, families, top = gpu_busy(run, steps=1 if estimate > 0.5 else 3,
+                                      top=args.top_kernels)
     n_syncs, sync_sites = host_syncs(run)
     return dict(step_s=step_s, gpu_busy_ms=busy_ms, gpu_busy_by_family_ms=families,
                 top_kernels_ms=top, peak_mem_gib=peak, host_syncs_per_step=n_syncs,
@@ -360,6 +362,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="most steps per timing window")
     ap.add_argument("--window-s", type=float, default=2.0, help="longest timing window")
     ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--top-kernels", type=int, default=8,
+                    help="kernels listed per row (ms and launches per step)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rows", default="", help="MODEL@MODE,... in this order (instead of "
                     "--models x --modes), e.g. dense@graph,hierarchical@graph,hf_mixtral@eager")

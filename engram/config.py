@@ -37,6 +37,7 @@ class EngramConfig:
     null_kv: bool = True
     gate_init: float = 0.1  # initial value of the (tanh) read gate
     temperature_init: float = 20.0  # initial scale of the cosine token attention
+    retrieval_scale_init: float = 1.0  # initial weight of the trace-level cosine in the logits
     max_trace_tokens: int = 64  # tokens kept per trace (the segment's last ones)
 
     def __post_init__(self) -> None:
@@ -60,6 +61,8 @@ class EngramConfig:
             raise ValueError(f"{own}.retrieval_coef / salience_coef: must be >= 0")
         if self.temperature_init <= 0:
             raise ValueError(f"{own}.temperature_init: must be > 0")
+        if self.retrieval_scale_init < 0:
+            raise ValueError(f"{own}.retrieval_scale_init: must be >= 0")
         if not self.read_layers:
             raise ValueError(f"{own}.read_layers: at least one layer must read")
 

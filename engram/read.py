@@ -69,7 +69,7 @@ class MemoryReader(nn.Module):
         self.token_value = nn.Linear(d_model, cfg.value_dim, bias=False)
         self.byte_value = nn.Embedding(256, cfg.value_dim)  # the byte itself, for exact copies
         self.out = nn.Linear(cfg.value_dim, d_model, bias=False)
-        self.retrieval_scale = nn.Parameter(torch.tensor(1.0))
+        self.retrieval_scale = nn.Parameter(torch.tensor(float(cfg.retrieval_scale_init)))
         self.log_temperature = nn.Parameter(torch.full((H,), math.log(cfg.temperature_init)))
         self.null_key = nn.Parameter(torch.randn(H, cfg.key_dim // H) / math.sqrt(cfg.key_dim // H))
         self.recency = nn.Parameter(torch.zeros(H))  # logit slope per session of a trace's age

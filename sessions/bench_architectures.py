@@ -39,11 +39,12 @@ PRESETS = {
             "train": {"steps": 400, "batch_size": 16, "lr": 3e-3, "warmup_steps": 40,
                       "eval_batches": 6, "device": "cpu", "threads": 1},
             "seeds": 2, "jobs": 2, "fit_batches": 4, "latency_repeats": 30},
-    # one H100/H200
+    # one H100/H200; every step replayed from one CUDA graph (an eager step of these small
+    # MoE models is host-bound)
     "gpu": {"model": {"d_model": 256, "n_layers": 4, "n_heads": 4, "seq_len": 256,
                       "ffn": {**_FFN, "hidden": 256, "n_components": 8, "segment_len": 32}},
             "train": {"steps": 500, "batch_size": 32, "lr": 2e-3, "warmup_steps": 50,
-                      "eval_batches": 8, "device": "cuda"},
+                      "eval_batches": 8, "device": "cuda", "cuda_graph": True},
             "seeds": 2, "jobs": 1, "fit_batches": 4, "latency_repeats": 50},
     # tests: seconds
     "test": {"model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "seq_len": 32,
