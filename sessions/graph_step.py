@@ -93,8 +93,12 @@ class GraphStep:
             raise RuntimeError("GraphStep: at least one eager warm-up step is needed")
         self.trainer.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.side):
-            self.captured = self._body()
+        _clear_cublas_workspaces()
+        try:
+            with torch.cuda.graph(graph, stream=self.side):
+                self.captured = self._body()
+        finally:
+            _clear_cublas_workspaces()
         self.graph = graph
 
     def _load(self, host, step: int) -> None:
@@ -118,6 +122,17 @@ class GraphStep:
             staged = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
             staged.copy_(value)  # the caching host allocator keeps it until the copy ran
             dst.copy_(staged, non_blocking=True)
+
+
+def _clear_cublas_workspaces() -> None:
+    """Drop cuBLAS's cached workspaces (as Inductor's CUDA-graph trees do around a capture):
+    one made inside a capture lives in that graph's private memory pool, so it must not be
+    handed to eager work or to a later graph. Without this the 16th model trained with
+    ``train.cuda_graph`` in one process (``engram bench architectures --preset gpu``) failed
+    its capture with CUBLAS_STATUS_EXECUTION_FAILED."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
 
 
 class _StaticStats:

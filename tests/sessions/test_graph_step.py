@@ -205,3 +205,25 @@ def test_compiled_graph_training_equals_compiled_eager(tmp_path):
     graph.fit()
     assert graph.graph.replays == 5 - GraphStep.WARMUP
     _assert_runs_match(graph, eager, (tmp_path / "c_graph", tmp_path / "c_eager"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_many_captured_models_in_one_process(tmp_path):
+    """What ``engram bench architectures --preset gpu`` does: one model after another with
+    ``train.cuda_graph``, each trained model kept, its trainer (and graph) dropped. 40
+    captures of four FFN kinds, each with replayed steps and a finite loss (without clearing
+    cuBLAS's workspaces around a capture, the bench's 16th capture failed)."""
+    kinds = ["hierarchical", "flat_moe", "dense", "progressive"]
+    kept = []
+    for i in range(40):
+        run = _run(tmp_path, f"m{i}", steps=GraphStep.WARMUP + 3,
+                   extra=["train.cuda_graph=true", f"model.ffn.kind={kinds[i % 4]}",
+                          f"train.seed={i}"])
+        trainer = _trainer(run, tmp_path)
+        result = trainer.fit()
+        assert trainer.graph.replays == 3, i
+        assert all(torch.isfinite(p).all() for p in trainer.model.parameters()), i
+        assert result.step == GraphStep.WARMUP + 3
+        kept.append(trainer.model)
+        del trainer
