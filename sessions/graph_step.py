@@ -12,6 +12,8 @@ plus the window's statistics, summed in place into static device tensors.
 * The first ``WARMUP`` steps run eagerly on a side stream (lazy initialisation, Triton JIT,
   optimizer state), then step ``start + WARMUP`` is captured and every step from there on is
   a replay. Warm-up steps are real training steps: the run equals an eager run.
+* The garbage collector is paused during the capture (collected just before): freeing a
+  dead graph in the middle of a capture invalidates it.
 * Fixed shapes only: a CPU device, an objective whose batches change shape (episodes), or a
   batch whose shape differs from the captured one is a ``ValueError`` naming the cause.
 * Checkpoints: the optimizer's state dict stores the learning rate as a number, and loading
@@ -21,6 +23,8 @@ plus the window's statistics, summed in place into static device tensors.
 """
 
 from __future__ import annotations
+
+import gc
 
 import torch
 
@@ -93,12 +97,20 @@ class GraphStep:
             raise RuntimeError("GraphStep: at least one eager warm-up step is needed")
         self.trainer.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        _clear_cublas_workspaces()
+        # No garbage collection during the capture: a dead trainer (it and its GraphStep
+        # refer to each other, so only the collector frees them) whose graph the collector
+        # destroyed mid-capture invalidated it (seen: the 16th model of `engram bench
+        # architectures --preset gpu` failed with CUBLAS_STATUS_EXECUTION_FAILED). Dead
+        # objects are collected first instead.
+        gc.collect()
+        enabled = gc.isenabled()
+        gc.disable()
         try:
             with torch.cuda.graph(graph, stream=self.side):
                 self.captured = self._body()
         finally:
-            _clear_cublas_workspaces()
+            if enabled:
+                gc.enable()
         self.graph = graph
 
     def _load(self, host, step: int) -> None:
@@ -122,17 +134,6 @@ class GraphStep:
             staged = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
             staged.copy_(value)  # the caching host allocator keeps it until the copy ran
             dst.copy_(staged, non_blocking=True)
-
-
-def _clear_cublas_workspaces() -> None:
-    """Drop cuBLAS's cached workspaces (as Inductor's CUDA-graph trees do around a capture):
-    one made inside a capture lives in that graph's private memory pool, so it must not be
-    handed to eager work or to a later graph. Without this the 16th model trained with
-    ``train.cuda_graph`` in one process (``engram bench architectures --preset gpu``) failed
-    its capture with CUBLAS_STATUS_EXECUTION_FAILED."""
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear is not None:
-        clear()
 
 
 class _StaticStats:

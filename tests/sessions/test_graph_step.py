@@ -14,6 +14,7 @@ eager training.
 
 from __future__ import annotations
 
+import gc
 import json
 import warnings
 from pathlib import Path
@@ -207,23 +208,39 @@ def test_compiled_graph_training_equals_compiled_eager(tmp_path):
     _assert_runs_match(graph, eager, (tmp_path / "c_graph", tmp_path / "c_eager"))
 
 
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_many_captured_models_in_one_process(tmp_path):
-    """What ``engram bench architectures --preset gpu`` does: one model after another with
-    ``train.cuda_graph``, each trained model kept, its trainer (and graph) dropped. 40
-    captures of four FFN kinds, each with replayed steps and a finite loss (without clearing
-    cuBLAS's workspaces around a capture, the bench's 16th capture failed)."""
-    kinds = ["hierarchical", "flat_moe", "dense", "progressive"]
-    kept = []
-    for i in range(40):
-        run = _run(tmp_path, f"m{i}", steps=GraphStep.WARMUP + 3,
-                   extra=["train.cuda_graph=true", f"model.ffn.kind={kinds[i % 4]}",
-                          f"train.seed={i}"])
-        trainer = _trainer(run, tmp_path)
-        result = trainer.fit()
-        assert trainer.graph.replays == 3, i
-        assert all(torch.isfinite(p).all() for p in trainer.model.parameters()), i
-        assert result.step == GraphStep.WARMUP + 3
-        kept.append(trainer.model)
-        del trainer
+def test_a_capture_survives_dead_graphs_and_a_busy_collector(tmp_path):
+    """What ``engram bench architectures --preset gpu`` does: one captured model after
+    another in one process, each trainer (with its graph) dropped, so dead graphs wait for
+    the garbage collector. With the collector made to run every few allocations, no
+    collection may start during a capture (one that destroyed a dead graph there invalidated
+    the bench's 16th capture), and every model trains through its replays."""
+    during_capture = []
+
+    def watch(phase, info):
+        if phase == "start" and torch.cuda.is_current_stream_capturing():
+            during_capture.append(info["generation"])
+
+    threshold = gc.get_threshold()
+    gc.collect()
+    gc.freeze()  # what exists now is never scanned: frequent collections stay cheap
+    gc.callbacks.append(watch)
+    try:
+        for i, kind in enumerate(["hierarchical", "flat_moe", "dense", "progressive"] * 2):
+            run = _run(tmp_path, f"m{i}", steps=GraphStep.WARMUP + 3,
+                       extra=["train.cuda_graph=true", f"model.ffn.kind={kind}",
+                              f"train.seed={i}"])
+            trainer = _trainer(run, tmp_path)
+            gc.set_threshold(50, 1, 1)  # a full collection every 50 net allocations
+            result = trainer.fit()
+            gc.set_threshold(*threshold)
+            assert trainer.graph.replays == 3 and result.step == GraphStep.WARMUP + 3, kind
+            assert all(torch.isfinite(p).all() for p in trainer.model.parameters()), kind
+            del trainer, result  # a cycle (trainer <-> its GraphStep): the collector's
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(watch)
+        gc.unfreeze()
+    assert during_capture == []
