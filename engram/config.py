@@ -32,6 +32,9 @@ class EngramConfig:
     write_threshold: float = 0.5  # salience above which a segment is written (threshold)
     salience_target: float = 0.3  # training pulls the mean salience towards this
     salience_coef: float = 0.1
+    # write distillation (training): within a session, the write gate's softmax over its
+    # segments pulled towards the attention mass their traces got from the step's reads
+    write_distill_coef: float = 0.0
     retrieval_coef: float = 1.0  # weight of the retrieval distillation loss (training)
     recency: str = "absolute"  # absolute | off: a learned logit slope per session of age
     null_kv: bool = True
@@ -57,8 +60,9 @@ class EngramConfig:
             raise ValueError(f"{own}.gate_init: must be in (-1, 1) (a tanh gate)")
         if self.recency not in ("absolute", "off"):
             raise ValueError(f"{own}.recency: absolute or off, got {self.recency!r}")
-        if self.retrieval_coef < 0 or self.salience_coef < 0:
-            raise ValueError(f"{own}.retrieval_coef / salience_coef: must be >= 0")
+        for name in ("retrieval_coef", "salience_coef", "write_distill_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{own}.{name}: must be >= 0, got {getattr(self, name)}")
         if self.temperature_init <= 0:
             raise ValueError(f"{own}.temperature_init: must be > 0")
         if self.retrieval_scale_init < 0:

@@ -65,6 +65,27 @@ class TraceWriter(nn.Module):
         return self.cfg.salience_coef * (mean - self.cfg.salience_target) ** 2
 
 
+def write_distillation_loss(salience_BM: torch.Tensor, session_BM: torch.Tensor,
+                            valid_BM: torch.Tensor, mass_BM: torch.Tensor) -> torch.Tensor:
+    """Writing learns what reading needs: within each (row, session), the softmax of the
+    write gate's logits over the session's segments is pulled towards the share of attention
+    mass their traces received from the step's reads (``mass_BM``, detached). A session
+    nobody read from teaches nothing. Unlike the budget term this ranks segments *within*
+    a session, which is what a budget write policy acts on. Cross-entropy averaged over the
+    sessions that were read; no host sync (sessions grouped by a pairwise mask)."""
+    M = salience_BM.shape[1]
+    same = (session_BM[:, :, None] == session_BM[:, None, :]) & valid_BM[:, None, :] \
+        & valid_BM[:, :, None]  # (B, M, M): m and m' are segments of one session
+    same = same | torch.eye(M, dtype=torch.bool, device=same.device)  # no empty group
+    s = salience_BM.float()
+    log_z = torch.logsumexp(s[:, None, :].masked_fill(~same, float("-inf")), dim=-1)
+    log_p = (s - log_z).masked_fill(~valid_BM, 0.0)
+    mass = mass_BM.float().masked_fill(~valid_BM, 0.0)
+    group = torch.einsum("bmn,bn->bm", same.float(), mass)  # the session's total mass
+    target = mass / group.clamp_min(1e-9)
+    return -(target * log_p).sum() / target.sum().clamp_min(1e-9)
+
+
 def right_align(hidden_NSD: torch.Tensor, mask_NS: torch.Tensor, tokens_NS: torch.Tensor,
                 width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The last ``width`` valid tokens of every row, moved to the right end: ``(N, width)``

@@ -319,5 +319,8 @@ def _models(res: dict, matching: str) -> list[str]:
     out += ["", "FFN width: each expert's hidden width (dense: its one MLP's, hidden·k1·k2). "
             "Dense has no router: dead experts and routing time do not apply (—). "
             "Level-1 accuracy: the router domain of each held-out token's best expert, mapped "
-            "to data domains by the training majority (group-limited: its groups)."]
+            "to data domains by the training majority (group-limited: its groups). "
+            "Step ms: training seconds ÷ steps, compilation included (Triton's JIT for the "
+            "first model of a shape in a process; with train.cuda_graph, the capture), hence "
+            "the spread over seeds where seed 0 paid it."]
     return out

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from engram.backends import TensorMemory, TraceBatch
+from engram.write import write_distillation_loss
 from mhc.moe import FFNAux
 from sessions.data import Sampler, build_streams, eval_batches
 from sessions.encoding import IGNORE, encode_probes, encode_segments, segment_targets
@@ -212,6 +213,11 @@ class EpisodeObjective:
             read = next(iter(res.reads.values()))
             extras.update(gate=read.gate, memory_mass=read.memory_mass,
                           write_prob=torch.sigmoid(sal.detach().float()).mean())
+            if model.cfg.write_distill_coef:
+                write = _write_distillation(model, mem, batch, res, ctx if batch.ctx_episode
+                                            .numel() else None)
+                loss = loss + model.cfg.write_distill_coef * write
+                extras["write_loss"] = write.detach()
             distill = [r.retrieval_loss for r in res.reads.values()
                        if r.retrieval_loss is not None]
             if distill:
@@ -251,6 +257,21 @@ class EpisodeObjective:
         return {"val_answer_loss": float(_answer_loss(logits, batch.probe_targets,
                                                       batch.probe_answer)),
                 "val_exact": float(hit.all(-1).float().mean())}
+
+
+def _write_distillation(model, mem: TensorMemory, batch: EpisodeBatch, probes, ctx):
+    """The write distillation loss (``engram.write.write_distillation_loss``): the attention
+    mass every read of the step (probes, and context segments where they are scored) put on
+    each trace, summed per episode."""
+    mass = torch.zeros(mem.salience_BM.shape, dtype=torch.float32,
+                       device=mem.salience_BM.device)
+    for res, rows in ((probes, batch.probe_row), (ctx, batch.ctx_episode)):
+        if res is None or not rows.numel():
+            continue
+        for read in res.reads.values():
+            if read.trace_mass is not None:
+                mass.index_add_(0, rows.to(mass.device), read.trace_mass)
+    return write_distillation_loss(mem.salience_BM, mem.session_BM, mem.valid_BM, mass)
 
 
 def train_context(task) -> bool:
