@@ -5,7 +5,8 @@ go through ``Trainer`` with an objective (``sessions.objectives``).
   (``train.max_minutes``) only chooses the number of steps before training starts
   (``plan_steps`` times a few steps on a throw-away copy), so the same config and seed give
   the same run.
-* bf16 autocast on CUDA (fp32 master weights and optimizer state), gradient clipping,
+* bf16 autocast on CUDA (fp32 master weights and optimizer state), gradient clipping (on
+  CUDA folded into the fused AdamW step as its ``grad_scale``),
   router-bias (aux-loss-free) balancing after every optimizer step, optional
   ``torch.compile`` (``train.compile=true``); batches are pinned and copied without blocking.
   ``train.cuda_graph=true`` captures the whole step once and replays it
@@ -100,6 +101,13 @@ class Trainer:
             self.parallel = distributed.DataParallel(self.dist, self.model, objective, train,
                                                      self.step_model, self.device)
         self.optimizer = make_optimizer(self.model, train, self.device)
+        # Clipping folded into the fused AdamW step: it divides each gradient by
+        # ``grad_scale`` as it reads it (the hook AMP's GradScaler uses), which saves the
+        # separate pass that rescales every gradient in place (read + write, 8 B/param).
+        self.clip_in_optimizer = bool(train.grad_clip) and self.parallel is None and \
+            self.optimizer.defaults.get("fused", False)
+        if self.clip_in_optimizer:
+            self.optimizer.grad_scale = torch.ones((), device=self.device)
         self.graph = None  # train.cuda_graph: the step captured once, replayed
         if train.cuda_graph:
             from sessions.graph_step import GraphStep
@@ -124,7 +132,12 @@ class Trainer:
             out = self.objective.loss(self.step_model, batch) if self.parallel is None else \
                 self.parallel.loss(batch)
         out.loss.backward()
-        if t.grad_clip:
+        if t.grad_clip and self.clip_in_optimizer:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+            # = 1 / clip_grad_norm_'s clamped coefficient max_norm / (norm + 1e-6)
+            self.optimizer.grad_scale.copy_(((grad_norm + 1e-6) / t.grad_clip).clamp_min(1.0))
+        elif t.grad_clip:
             params = self.model.parameters()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) \
                 if self.parallel is None else self.parallel.clip_grad_norm(params, t.grad_clip)
