@@ -121,14 +121,14 @@ def _losses(folder):
     return {r["step"]: r for r in read_jsonl(folder / "metrics.jsonl") if "loss" in r}
 
 
-def _assert_runs_match(a, b, dirs, loss_tol=1e-3, param_rtol=1e-3):
+def _assert_runs_match(a, b, dirs, loss_tol=1e-3, param_rtol=1e-3, cv_rtol=0.05):
     ra, rb = _losses(dirs[0]), _losses(dirs[1])
     assert ra.keys() == rb.keys() and ra
     diffs = {s: abs(ra[s]["loss"] - rb[s]["loss"]) for s in ra}
     print(f"max |dloss| {max(diffs.values()):.2e}")
     assert max(diffs.values()) <= loss_tol, diffs
     for s in ra:
-        assert ra[s]["expert_cv"] == pytest.approx(rb[s]["expert_cv"], rel=0.05, abs=1e-3), s
+        assert ra[s]["expert_cv"] == pytest.approx(rb[s]["expert_cv"], rel=cv_rtol, abs=1e-3), s
     if param_rtol is None:
         return
     rel = _param_differences(a, b)
@@ -208,7 +208,8 @@ def test_compiled_graph_training_equals_compiled_eager(tmp_path):
     """Losses within 1e-3 nats; per parameter, replaying the compiled step moves the weights
     from compiled eager training by no more than compiling moved them from plain eager
     training (2x, or 1e-3): Inductor's kernels reorder bf16 reductions, and Adam turns a
-    router weight's tiny gradient differences into lr-sized steps (measured 3e-3 there)."""
+    router weight's tiny gradient differences into lr-sized steps (measured 3e-3 there).
+    The same for the expert-load CV per step (a 5.0% difference measured once)."""
     torch._dynamo.reset()
     on = ["train.compile=true"]
     plain = _trainer(_run(tmp_path, "plain", steps=5), tmp_path)
@@ -219,8 +220,13 @@ def test_compiled_graph_training_equals_compiled_eager(tmp_path):
                      tmp_path)
     graph.fit()
     assert graph.graph.replays == 5 - GraphStep.WARMUP
+    # the load statistic: capture moves it by no more than compiling does (2x, or 5%)
+    by_compile_cv = max(abs(c["expert_cv"] - p["expert_cv"]) / p["expert_cv"]
+                        for c, p in zip(_losses(tmp_path / "c_eager").values(),
+                                        _losses(tmp_path / "plain").values(), strict=True))
+    print(f"expert_cv: compile moves it by up to {by_compile_cv:.1%}")
     _assert_runs_match(graph, eager, (tmp_path / "c_graph", tmp_path / "c_eager"),
-                       param_rtol=None)
+                       param_rtol=None, cv_rtol=max(0.05, 2 * by_compile_cv))
     by_capture, by_compile = _param_differences(graph, eager), _param_differences(eager, plain)
     for name, r in by_capture.items():
         print(f"{name}: capture {r:.2e}, compile {by_compile[name]:.2e}")
