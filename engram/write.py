@@ -56,7 +56,11 @@ class TraceWriter(nn.Module):
         key = F.normalize(self.key_proj(pooled_ND), dim=-1)
         hidden, mask, tokens = right_align(hidden_NSD, mask_NS, tokens_NS,
                                            min(self.cfg.max_trace_tokens, mask_NS.shape[1]))
-        return WrittenTraces(key, hidden, mask, self.salience(pooled_ND).squeeze(-1), tokens)
+        # with the write distillation the gate is a head on the pooled features: its strong
+        # signal must not reshape the pooling that also makes the retrieval key (measured:
+        # retrieval ranked worse when it could, docs/results.md, issue 9)
+        gate_in = pooled_ND.detach() if self.cfg.write_distill_coef else pooled_ND
+        return WrittenTraces(key, hidden, mask, self.salience(gate_in).squeeze(-1), tokens)
 
     def salience_loss(self, salience_N: torch.Tensor) -> torch.Tensor:
         """Pull the mean write probability towards the budget; what the reads need pushes

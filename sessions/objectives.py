@@ -261,17 +261,22 @@ class EpisodeObjective:
 
 def _write_distillation(model, mem: TensorMemory, batch: EpisodeBatch, probes, ctx):
     """The write distillation loss (``engram.write.write_distillation_loss``): the attention
-    mass every read of the step (probes, and context segments where they are scored) put on
-    each trace, summed per episode over all tokens (the answer tokens' mass alone was tried:
-    the gate wrote every asked code but retrieval ranked worse, docs/results.md)."""
+    mass each trace got from the reads that are scored — a probe's answer tokens (its prompt
+    reads every retrieved trace alike), a scored context segment's tokens — summed per
+    episode."""
     mass = torch.zeros(mem.salience_BM.shape, dtype=torch.float32,
                        device=mem.salience_BM.device)
-    for res, rows in ((probes, batch.probe_row), (ctx, batch.ctx_episode)):
+    answer = batch.probe_answer.float()
+    ctx_tokens = torch.ones(batch.ctx_rows.numel(), batch.seg_idx.shape[1], device=mass.device)
+    for res, rows, weight_RT in ((probes, batch.probe_row, answer),
+                                 (ctx, batch.ctx_episode, ctx_tokens)):
         if res is None or not rows.numel():
             continue
         for read in res.reads.values():
             if read.trace_mass is not None:
-                mass.index_add_(0, rows.to(mass.device), read.trace_mass)
+                per_row = torch.einsum("rtm,rt->rm", read.trace_mass,
+                                       weight_RT.to(mass.device))
+                mass.index_add_(0, rows.to(mass.device), per_row)
     return write_distillation_loss(mem.salience_BM, mem.session_BM, mem.valid_BM, mass)
 
 
