@@ -53,7 +53,7 @@ class ReadStats:
     memory_mass: torch.Tensor  # attention mass on memory (not the null slot), mean over tokens
     retrieval_loss: torch.Tensor | None = None  # the distillation loss (training only)
     trace_mass: torch.Tensor | None = None  # (rows, T, M) attention mass per token and
-    # trace, averaged over heads (training only; detached)
+    # trace, averaged over heads (training with the write distillation only; detached)
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
@@ -158,8 +158,8 @@ class MemoryReader(nn.Module):
         hits = cand.selected_BTM.sum(-1).float().mean()
         distill = self._retrieval_loss(mem_attn, cand) if torch.is_grad_enabled() and \
             cand.scores_BTM.requires_grad else None
-        trace_mass = mem_attn.detach().float().sum(-1).mean(1) if torch.is_grad_enabled() \
-            else None
+        trace_mass = mem_attn.detach().float().sum(-1).mean(1) \
+            if cfg.write_distill_coef and torch.is_grad_enabled() else None
         return h_BTD + g.to(h_BTD.dtype) * y, ReadStats(hits, g.detach(), mass, distill,
                                                         trace_mass)
 

@@ -214,8 +214,8 @@ class EpisodeObjective:
             extras.update(gate=read.gate, memory_mass=read.memory_mass,
                           write_prob=torch.sigmoid(sal.detach().float()).mean())
             if model.cfg.write_distill_coef:
-                write = _write_distillation(model, mem, batch, res, ctx if batch.ctx_episode
-                                            .numel() else None)
+                write = _write_distillation(mem, batch, res,
+                                            ctx if batch.ctx_episode.numel() else None)
                 loss = loss + model.cfg.write_distill_coef * write
                 extras["write_loss"] = write.detach()
             distill = [r.retrieval_loss for r in res.reads.values()
@@ -259,7 +259,7 @@ class EpisodeObjective:
                 "val_exact": float(hit.all(-1).float().mean())}
 
 
-def _write_distillation(model, mem: TensorMemory, batch: EpisodeBatch, probes, ctx):
+def _write_distillation(mem: TensorMemory, batch: EpisodeBatch, probes, ctx):
     """The write distillation loss (``engram.write.write_distillation_loss``): the attention
     mass each trace got from the reads that are scored — a probe's answer tokens (its prompt
     reads every retrieved trace alike), a scored context segment's tokens — summed per

@@ -132,7 +132,7 @@ class Trainer:
             out = self.objective.loss(self.step_model, batch) if self.parallel is None else \
                 self.parallel.loss(batch)
         out.loss.backward()
-        if t.grad_clip and self.clip_in_optimizer:
+        if self.clip_in_optimizer:  # implies t.grad_clip
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads)
             # = 1 / clip_grad_norm_'s clamped coefficient max_norm / (norm + 1e-6)
