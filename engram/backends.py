@@ -14,9 +14,10 @@ each token which of them are in its own top-k. Scope: a reader in session ``s`` 
 traces of sessions before ``s`` of its own namespace. Ranking score of trace m for query q:
 ``q·key_m + log σ(salience_m)`` — relevance plus the write gate's prior — computed as one
 inner product of augmented vectors (``retrieval_key``/``retrieval_query``), so a vector
-index ranks exactly as the tensor backend does. ``age_BM`` (reader's session − trace's
-session, ≥ 1 for every eligible trace) lets the reader prefer newer traces (facts updated in a
-later session).
+index ranks exactly as the tensor backend does. A backend made with ``salience_prior=False``
+(``EngramConfig.salience_in_read`` false) indexes a zero prior: relevance alone. ``age_BM``
+(reader's session − trace's session, ≥ 1 for every eligible trace) lets the reader prefer newer
+traces (facts updated in a later session).
 
 Shapes: B rows, T query tokens, M candidate traces, S tokens per trace, D model dim, K key dim,
 n traces written per row by one ``write``.
@@ -94,9 +95,11 @@ class MemoryBackend(Protocol):
     def clear(self) -> None: ...
 
 
-def retrieval_key(key_NK: torch.Tensor, salience_N: torch.Tensor) -> torch.Tensor:
-    """``[key, log σ(salience)]``: the vector a trace is indexed by."""
-    prior = F.logsigmoid(salience_N.float()).to(key_NK.dtype)
+def retrieval_key(key_NK: torch.Tensor, salience_N: torch.Tensor | None) -> torch.Tensor:
+    """``[key, log σ(salience)]``: the vector a trace is indexed by (``salience_N`` None:
+    ``[key, 0]``, no prior)."""
+    prior = key_NK.new_zeros(key_NK.shape[:-1]) if salience_N is None else \
+        F.logsigmoid(salience_N.float()).to(key_NK.dtype)
     return torch.cat([key_NK, prior[..., None]], dim=-1)
 
 
@@ -133,16 +136,18 @@ class TensorMemory:
     salience, so the write side is trained by what the reads need.
 
     ``namespaces`` / ``session_names`` (optional) name rows and session indices for
-    ``describe``; ``external_ids`` of written traces are kept per row."""
+    ``describe``; ``external_ids`` of written traces are kept per row. ``salience_prior``:
+    whether the gate's logit enters the ranking (see the module doc)."""
 
     def __init__(self, batch_size: int, d_model: int, key_dim: int, trace_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  namespaces: list[str] | None = None,
-                 session_names: list[list[str]] | None = None):
+                 session_names: list[list[str]] | None = None, salience_prior: bool = True):
         self._B, self.D, self.K, self.S = batch_size, d_model, key_dim, trace_len
         self.device, self.dtype = torch.device(device), dtype
         self.namespaces = namespaces  # None in training: no names, nothing kept on the host
         self.session_names = session_names  # per row: the episode's session ids
+        self.salience_prior = salience_prior
         self.read_scope = "earlier"  # or "previous": only the session just before
         self.clear()
 
@@ -213,7 +218,8 @@ class TensorMemory:
         else:
             eligible = valid_BM & (session_BM < sess_B)
         scores = torch.einsum("btk,bmk->btm", retrieval_query(query_BTK.float()),
-                              retrieval_key(key.float(), sal.float()))
+                              retrieval_key(key.float(),
+                                            sal.float() if self.salience_prior else None))
         selected = topk_selection(scores, eligible, k)
         ids = torch.arange(self.size, device=query_BTK.device).expand(self._B, -1)
         ids = ids.masked_fill(~eligible, -1)

@@ -35,6 +35,10 @@ class EngramConfig:
     # write distillation (training): within a session, the write gate's softmax over its
     # segments pulled towards the attention mass their traces got from the step's reads
     write_distill_coef: float = 0.0
+    # the gate's logit also enters reading: log σ(salience) as a retrieval prior and σ as the
+    # scale of a trace's values. False keeps reading free of it (ranking by relevance alone),
+    # so only the write distillation trains the gate (measured: docs/results.md, issue 9)
+    salience_in_read: bool = True
     retrieval_coef: float = 1.0  # weight of the retrieval distillation loss (training)
     recency: str = "absolute"  # absolute | off: a learned logit slope per session of age
     null_kv: bool = True
@@ -63,6 +67,10 @@ class EngramConfig:
         for name in ("retrieval_coef", "salience_coef", "write_distill_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{own}.{name}: must be >= 0, got {getattr(self, name)}")
+        if not self.salience_in_read and not self.write_distill_coef \
+                and self.write_policy in ("budget", "threshold"):
+            raise ValueError(f"{own}.salience_in_read: false leaves the {self.write_policy} "
+                             "write gate untrained; set write_distill_coef > 0")
         if self.temperature_init <= 0:
             raise ValueError(f"{own}.temperature_init: must be > 0")
         if self.retrieval_scale_init < 0:

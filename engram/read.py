@@ -26,6 +26,7 @@ later session can win over its older value (``recency="off"`` removes the term: 
 an age relative to the retrieved traces' mean was tried and read worse: docs/results.md).
 A trace's values are scaled by σ(salience_m): how much a trace can contribute is what trains
 the write gate (a bias on the attention logits would stop mattering once attention is sharp).
+With ``salience_in_read`` false they are not (the write distillation trains the gate instead).
 
 Shapes: B rows, T tokens, M candidate traces, S trace tokens, D model dim, H heads, Dh head
 dim (key), Dv head dim (value), K retrieval key dim.
@@ -109,8 +110,10 @@ class MemoryReader(nn.Module):
         S1 = hid.shape[2] - 1
         mk = F.normalize(self.token_key(hid[:, :, :-1]).view(B, M, S1, H, -1), dim=-1)
         mv = self.token_value(hid[:, :, 1:]) + self.byte_value(cand.tokens_BMS[:, :, 1:])
-        weight = torch.sigmoid(cand.salience_BM.float()).to(mv.dtype)  # (B, M)
-        mv = (mv * weight[:, :, None, None]).view(B, M, S1, H, -1)
+        if cfg.salience_in_read:
+            weight = torch.sigmoid(cand.salience_BM.float()).to(mv.dtype)  # (B, M)
+            mv = mv * weight[:, :, None, None]
+        mv = mv.view(B, M, S1, H, -1)
         if not torch.is_grad_enabled():
             self._kv_cache = (stamp, (mk, mv))
         else:

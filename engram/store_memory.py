@@ -30,9 +30,10 @@ from memory_store.scope import Scope
 
 class StoreMemory:
     def __init__(self, store, namespaces: list[str], sessions: list[str] | list[list[str]],
-                 model_version: str, exact: bool = True):
+                 model_version: str, exact: bool = True, salience_prior: bool = True):
         """``sessions``: the session names in order — one list for every row, or one list
-        per row; reads in session i see sessions < i of their own row's namespace."""
+        per row; reads in session i see sessions < i of their own row's namespace.
+        ``salience_prior``: whether written keys carry the gate's prior (``retrieval_key``)."""
         per_row = bool(sessions) and isinstance(sessions[0], (list, tuple))
         self.sessions = [list(s) for s in sessions] if per_row else list(sessions)
         self._rows = self.sessions if per_row else [self.sessions] * len(namespaces)
@@ -43,6 +44,7 @@ class StoreMemory:
                 raise ValueError("StoreMemory: session names must be distinct")
         self.store, self.namespaces = store, list(namespaces)
         self.model_version, self.exact = model_version, exact
+        self.salience_prior = salience_prior
         self._order = [{s: i for i, s in enumerate(names)} for names in self._rows]
         self._warned = False
         self.read_scope = "earlier"  # or "previous": only the session just before
@@ -65,8 +67,8 @@ class StoreMemory:
         if len(texts) != B or any(len(t) != n for t in texts):
             raise ValueError("StoreMemory.write: texts must be B lists of n strings")
         keep = torch.ones(B, n, dtype=torch.bool) if keep_Bn is None else keep_Bn.cpu().bool()
-        keys = retrieval_key(batch.key_BnK.detach().float(),
-                             batch.salience_Bn.detach()).cpu().numpy()
+        keys = retrieval_key(batch.key_BnK.detach().float(), batch.salience_Bn.detach()
+                             if self.salience_prior else None).cpu().numpy()
         hidden = batch.hidden_BnSD.detach().float().cpu()
         salience = batch.salience_Bn.detach().float().cpu()
         now = time.time()
@@ -157,7 +159,8 @@ class StoreMemory:
         """A memory whose row r reads namespace ``namespaces[index[r]]``."""
         index = index.tolist() if torch.is_tensor(index) else list(index)
         view = StoreMemory(self.store, [self.namespaces[i] for i in index],
-                           [self._rows[i] for i in index], self.model_version, self.exact)
+                           [self._rows[i] for i in index], self.model_version, self.exact,
+                           self.salience_prior)
         view._warned, view.read_scope = self._warned, self.read_scope
         return view
 

@@ -171,7 +171,8 @@ class EpisodeObjective:
         tr = model.encode_traces(batch.seg_idx, batch.seg_mask,
                                  backbone_grad=self.exp.objective.write_backprop)
         mem = TensorMemory(B, tr.hidden_NSD.shape[-1], model.cfg.key_dim,
-                           tr.hidden_NSD.shape[1], batch.seg_idx.device, tr.hidden_NSD.dtype)
+                           tr.hidden_NSD.shape[1], batch.seg_idx.device, tr.hidden_NSD.dtype,
+                           salience_prior=model.cfg.salience_in_read)
         view = lambda t: t.view(B, n, *t.shape[1:])  # noqa: E731
         mem.write(TraceBatch(view(tr.key_NK), view(tr.hidden_NSD), view(tr.mask_NS),
                              view(tr.tokens_NS), view(tr.salience_N)),

@@ -50,7 +50,8 @@ def reindex_store(store_dir: Path, checkpoint: Path, batch_size: int = 64,
                 valid = [int(n) for n in tr.mask_NS.sum(1).tolist()]
                 store.update_latents(  # one transaction for the whole batch
                     [t.id for t in traces],
-                    retrieval_key(tr.key_NK, tr.salience_N).float().numpy(),
+                    retrieval_key(tr.key_NK, tr.salience_N if model.cfg.salience_in_read
+                                  else None).float().numpy(),
                     [tr.hidden_NSD[j, -n:].float().numpy() for j, n in enumerate(valid)],
                     [{"model_version": version, "salience": float(tr.salience_N[j]),
                       "tokens": n, "bytes": tr.tokens_NS[j, -n:].tolist()}

@@ -104,15 +104,18 @@ class Runner:
         if self.arm.backend == "knn":
             return KNNMemory(len(eps), self.model.backbone.cfg.d_model, self.model.cfg.key_dim,
                              self.seq_len, self.device, namespaces=names,
-                             session_names=sessions)
+                             session_names=sessions,
+                             salience_prior=self.model.cfg.salience_in_read)
         if self.exp.eval.backend == "tensor":
             mem = TensorMemory(len(eps), self.model.backbone.cfg.d_model, self.model.cfg.key_dim,
                                min(self.model.cfg.max_trace_tokens, self.seq_len), self.device,
-                               namespaces=names, session_names=sessions)
+                               namespaces=names, session_names=sessions,
+                               salience_prior=self.model.cfg.salience_in_read)
         else:
             from engram.store_memory import StoreMemory
 
-            mem = StoreMemory(self.store(), names, sessions, self.version)
+            mem = StoreMemory(self.store(), names, sessions, self.version,
+                              salience_prior=self.model.cfg.salience_in_read)
         mem.read_scope = self.exp.eval.read_scope
         return mem
 

@@ -24,29 +24,32 @@ class NoTextEmbedder:
         return np.ones((len(texts), self.dim), dtype=np.float32) / np.sqrt(self.dim)
 
 
-def _model(seed=0):
+def _model(seed=0, salience_in_read=True):
     torch.manual_seed(seed)
     cfg = ModelConfig(d_model=32, n_layers=3, n_heads=2, seq_len=24,
                       ffn=FFNConfig(hidden=16, n_domains=2, n_components=3, k1=1, k2=2))
     model = EngramModel(cfg, EngramConfig(enabled=True, top_k=3, key_dim=16, value_dim=32,
-                                          heads=2))
+                                          heads=2, salience_in_read=salience_in_read,
+                                          write_distill_coef=1.0))
     with torch.no_grad():
         for reader in model.readers.values():
             reader.gate_param.fill_(0.5)
     return model.eval()
 
 
-def _fill(model, store, B=3, n=6, S=24, seed=1):
+def _fill(model, store, B=3, n=6, S=24, seed=1, salience_N=None):
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(32, 127, (B * n, S), generator=g)
     tr = model.encode_traces(idx)
+    sal = tr.salience_N if salience_N is None else salience_N
     batch = TraceBatch(tr.key_NK.view(B, n, -1), tr.hidden_NSD.view(B, n, S, -1),
-                       tr.mask_NS.view(B, n, S), tr.tokens_NS.view(B, n, S),
-                       tr.salience_N.view(B, n))
+                       tr.mask_NS.view(B, n, S), tr.tokens_NS.view(B, n, S), sal.view(B, n))
     keep = torch.rand(B, n, generator=g) < 0.7
-    tensor_mem = TensorMemory(B, 32, model.cfg.key_dim, S)
+    prior = model.cfg.salience_in_read
+    tensor_mem = TensorMemory(B, 32, model.cfg.key_dim, S, salience_prior=prior)
     tensor_mem.write(batch, session=0, keep_Bn=keep)
-    store_mem = StoreMemory(store, [f"ep{b}" for b in range(B)], ["s1", "s2"], "v1")
+    store_mem = StoreMemory(store, [f"ep{b}" for b in range(B)], ["s1", "s2"], "v1",
+                            salience_prior=prior)
     ids = store_mem.write(batch, session=0, keep_Bn=keep)
     assert len(ids) == int(keep.sum())
     return tensor_mem, store_mem, keep
@@ -58,8 +61,9 @@ def store(tmp_path):
         yield s
 
 
-def test_same_topk_ids_for_exact_search(store):
-    model = _model()
+@pytest.mark.parametrize("salience_in_read", [True, False])
+def test_same_topk_ids_for_exact_search(store, salience_in_read):
+    model = _model(salience_in_read=salience_in_read)
     tensor_mem, store_mem, keep = _fill(model, store)
     reader = next(iter(model.readers.values()))
     q = reader.query(torch.randn(3, 10, 32))
@@ -77,8 +81,9 @@ def test_same_topk_ids_for_exact_search(store):
             assert len(found) == min(3, int(keep[row].sum()))
 
 
-def test_model_logits_agree_across_backends(store):
-    model = _model()
+@pytest.mark.parametrize("salience_in_read", [True, False])
+def test_model_logits_agree_across_backends(store, salience_in_read):
+    model = _model(salience_in_read=salience_in_read)
     tensor_mem, store_mem, _ = _fill(model, store)
     idx = torch.randint(32, 127, (3, 24))
     with torch.no_grad():
@@ -111,3 +116,31 @@ def test_stale_model_version_warns_once(store):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         reader_mem.retrieve(q, session=1, k=3)
+
+
+@pytest.mark.parametrize("salience_in_read", [True, False])
+def test_the_gate_enters_reading_only_when_configured(tmp_path, salience_in_read):
+    """Same traces, gate logits spread apart: with ``salience_in_read`` the retrieval and
+    the logits move (the prior and the value scale read the gate); without it neither does,
+    in both backends."""
+    model = _model(salience_in_read=salience_in_read)
+    n = 3 * 6
+    spread = torch.linspace(-6.0, 6.0, n)[torch.randperm(n, generator=torch.Generator()
+                                                          .manual_seed(3))]
+    idx = torch.randint(32, 127, (3, 24), generator=torch.Generator().manual_seed(4))
+    q = next(iter(model.readers.values())).query(torch.randn(3, 10, 32))
+    got = {}
+    for name, sal in (("zero", torch.zeros(n)), ("spread", spread)):
+        with TraceStore.open(tmp_path / name, embedder=NoTextEmbedder()) as st:
+            tensor_mem, store_mem, _ = _fill(model, st, salience_N=sal)
+            with torch.no_grad():
+                got[name] = [(mem.retrieve(q, session=1, k=3).scores_BTM,
+                              model(idx, memory=mem, session=1).out.logits)
+                             for mem in (tensor_mem, store_mem)]
+    for (score_a, logit_a), (score_b, logit_b) in zip(got["zero"], got["spread"], strict=True):
+        same_rank = torch.equal(torch.isfinite(score_a), torch.isfinite(score_b))
+        same_logits = torch.allclose(logit_a, logit_b, atol=1e-5)
+        if salience_in_read:
+            assert not same_rank and not same_logits
+        else:
+            assert same_rank and same_logits

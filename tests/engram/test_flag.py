@@ -129,6 +129,7 @@ def test_flag_resolution(monkeypatch):
     (dict(top_k=0), "top_k"), (dict(key_dim=30, heads=4), "heads"),
     (dict(write_policy="most"), "write_policy"), (dict(write_budget=2.0), "write_budget"),
     (dict(gate_init=1.0), "gate_init"), (dict(read_layers=[]), "read_layers"),
+    (dict(salience_in_read=False), "salience_in_read"),  # the gate would learn nothing
 ])
 def test_bad_engram_config(kwargs, field):
     with pytest.raises(ValueError, match=f"EngramConfig.{field}"):
