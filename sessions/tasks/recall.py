@@ -18,7 +18,11 @@ fact's sentence up to the code.
 
 Training and evaluation draw locker names from disjoint sets and codes at random, so no
 evaluation fact was seen in training. Episodes are a pure function of (config, split, seed,
-index).
+index). Both name sets are closed under reversal (LJ and JL are both evaluation names), and
+evaluation's is 4× smaller, so an episode's names are 4× more often anagrams of each other
+in evaluation than in training. ``train_pool="eval_size"`` draws each training episode's
+names from a random pool of evaluation's size and make-up (reversal pairs and doubled
+letters), so training meets such pairs as often as evaluation does.
 """
 
 from __future__ import annotations
@@ -37,6 +41,21 @@ _ALL_NAMES = [a + b for a in string.ascii_uppercase for b in string.ascii_upperc
 # Every fifth name is reserved for evaluation: evaluation facts are never seen in training.
 EVAL_NAMES = _ALL_NAMES[::5]
 TRAIN_NAMES = [n for i, n in enumerate(_ALL_NAMES) if i % 5]
+TRAIN_POOLS = ("all", "eval_size")
+
+
+def _reversal_classes(names: list[str]) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
+    """``names`` as reversal pairs (``AB``, ``BA``) and doubled letters (``AA``)."""
+    pairs = sorted({tuple(sorted((n, n[::-1]))) for n in names if n != n[::-1]})
+    assert all(b in names for _, b in pairs), "name set not closed under reversal"
+    return pairs, [(n,) for n in names if n == n[::-1]]
+
+
+def _eval_sized_pool(rng: random.Random) -> list[str]:
+    """Training names with the make-up of ``EVAL_NAMES``: as many reversal pairs and
+    doubled-letter names, drawn at random."""
+    (ep, es), (tp, ts) = _reversal_classes(EVAL_NAMES), _reversal_classes(TRAIN_NAMES)
+    return [n for c in rng.sample(tp, len(ep)) + rng.sample(ts, len(es)) for n in c]
 
 PLAIN_FACT = "the code for locker {n} is {c}."
 FACTS = [PLAIN_FACT, "locker {n} opens with the code {c}.", "remember: locker {n} has code {c}."]
@@ -63,6 +82,7 @@ class RecallTask:
     distractors_per_session: int = 7
     questions_per_session: int = 1
     paraphrase: bool = False
+    train_pool: str = "all"  # or "eval_size" (see the module doc)
 
     name = "recall"
     score_context = False  # probes are what is measured; context is written, not scored
@@ -81,12 +101,15 @@ class RecallTask:
             raise ValueError(f"{own}.questions_per_session: at most facts_per_session")
         if self.updates_per_session > self.facts_per_session:
             raise ValueError(f"{own}.updates_per_session: at most facts_per_session")
+        if self.train_pool not in TRAIN_POOLS:
+            raise ValueError(f"{own}.train_pool: {self.train_pool!r} not in {TRAIN_POOLS}")
 
     def episode(self, split: str, seed: int, index: int) -> Episode:
         if split not in ("train", "eval"):
             raise ValueError(f"split must be train or eval, got {split!r}")
         rng = random.Random(f"recall:{split}:{seed}:{index}")
-        pool = TRAIN_NAMES if split == "train" else EVAL_NAMES
+        pool = EVAL_NAMES if split == "eval" else \
+            _eval_sized_pool(rng) if self.train_pool == "eval_size" else TRAIN_NAMES
         n_fact_sessions = self.n_sessions - 1
         names = rng.sample(pool, self.facts_per_session * n_fact_sessions)
         current: dict[str, tuple[str, int, bool]] = {}  # name -> (code, session, is update)

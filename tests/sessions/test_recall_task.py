@@ -79,3 +79,34 @@ def test_task_sections_are_checked():
         build_task({"name": "recall", "sessions": 5})
     with pytest.raises(ValueError, match="n_sessions"):
         build_task({"name": "recall", "n_sessions": 1})
+
+
+def _anagram_rate(task, split, n=400):
+    """Share of episodes whose facts name two lockers that are each other's reversal."""
+    hit = 0
+    for i in range(n):
+        names = {m.group(1) for s in task.episode(split, 0, i).sessions for c in s.context
+                 if (m := CODE.search(c))}
+        hit += any(a[::-1] in names and a != a[::-1] for a in names)
+    return hit / n
+
+
+def test_eval_sized_training_pool_meets_anagrams_as_often_as_evaluation():
+    """``train_pool="eval_size"``: evaluation episodes unchanged, training names still never
+    evaluation names, and reversal pairs (LJ / JL) as frequent in training as in evaluation
+    (the plain training pool, 4× larger, has them about 4× less often)."""
+    sized = RecallTask(**{**FIVE.__dict__, "train_pool": "eval_size"})
+    assert sized.episode("eval", 0, 5) == FIVE.episode("eval", 0, 5)
+    assert sized.episode("train", 0, 5) != FIVE.episode("train", 0, 5)
+    train_names = {m.group(1) for i in range(200) for s in sized.episode("train", 0, i).sessions
+                   for c in s.context if (m := CODE.search(c))}
+    assert train_names and train_names <= set(TRAIN_NAMES)
+    evaluation, plain, eval_sized = (_anagram_rate(FIVE, "eval"), _anagram_rate(FIVE, "train"),
+                                     _anagram_rate(sized, "train"))
+    assert evaluation > 0.1  # 8 fact names of 136: about 1 episode in 5
+    assert abs(eval_sized - evaluation) < 0.06 and plain < evaluation / 2
+
+
+def test_unknown_train_pool_is_a_typed_error():
+    with pytest.raises(ValueError, match="RecallTask.train_pool"):
+        RecallTask(train_pool="big")
