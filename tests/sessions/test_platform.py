@@ -207,3 +207,36 @@ def test_recorded_commands_name_no_checkout_folders():
                                "train.steps=3"])
     assert env["command"] == ["engram", "run", "configs/x.yaml", "task.data=../shared/d.json",
                               "--out", "/elsewhere/r", "train.steps=3"]
+
+
+def test_name_pair_analysis_counts_reversal_pairs(smoke_run, tmp_path):
+    """``benchmarks/recall_name_pairs.py`` on a real run of an episodes file built with one
+    reversal pair (LJ asked, JL given a code in between) and one plain fact: one probe with a
+    pair at distance 2, one without at distance 1, and per distance the same exact match as
+    the run's own summary."""
+    ep = {"namespace": "pairs", "sessions": [
+        {"id": "s1", "context": ["the code for locker LJ is 0565.", "locker QE opens with the "
+                                 "code 3924."], "probes": []},
+        {"id": "s2", "context": ["remember: locker JL has code 8172."], "probes": [
+            {"prompt": "which code opens locker QE? ", "answer": "3924",
+             "tags": {"distance": 1}}]},
+        {"id": "s3", "context": ["the weather in oslo was grey today."], "probes": [
+            {"prompt": "which code opens locker LJ? ", "answer": "0565",
+             "tags": {"distance": 2}}]}]}
+    eps = tmp_path / "pairs.jsonl"
+    eps.write_text(json.dumps(ep) + "\n")
+    out = tmp_path / "run"
+    assert cli.main(["run", SMOKE, "--out", str(out), "--quiet", "--checkpoint",
+                     str(smoke_run / "checkpoint"), "--episodes", str(eps),
+                     "engram.write_policy=all"]) == 0
+    printed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "recall_name_pairs.py"),
+                              str(out)], capture_output=True, text=True, check=True).stdout
+    rows = {int(c[0]): c for line in printed.splitlines()
+            if line.startswith("| ") and line[2].isdigit()
+            for c in [[x.strip() for x in line.strip("|").split("|")]]}
+    assert sorted(rows) == [1, 2]
+    assert rows[1][1:3] == ["1", "0"] and rows[2][1:3] == ["1", "1"]  # probes, with a pair
+    by_distance = json.loads((out / "summary.json").read_text())["arms"]["on"]["by_tag"][
+        "distance"]
+    for d, cells in rows.items():
+        assert float(cells[5]) == pytest.approx(by_distance[str(d)]["exact_match"], abs=5e-4)
