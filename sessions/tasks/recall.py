@@ -47,14 +47,18 @@ TRAIN_POOLS = ("all", "eval_size")
 def _reversal_classes(names: list[str]) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
     """``names`` as reversal pairs (``AB``, ``BA``) and doubled letters (``AA``)."""
     pairs = sorted({tuple(sorted((n, n[::-1]))) for n in names if n != n[::-1]})
-    assert all(b in names for _, b in pairs), "name set not closed under reversal"
+    assert set(b for _, b in pairs) <= set(names), "name set not closed under reversal"
     return pairs, [(n,) for n in names if n == n[::-1]]
+
+
+# made once: every training episode draws from them
+_EVAL_CLASSES, _TRAIN_CLASSES = _reversal_classes(EVAL_NAMES), _reversal_classes(TRAIN_NAMES)
 
 
 def _eval_sized_pool(rng: random.Random) -> list[str]:
     """Training names with the make-up of ``EVAL_NAMES``: as many reversal pairs and
     doubled-letter names, drawn at random."""
-    (ep, es), (tp, ts) = _reversal_classes(EVAL_NAMES), _reversal_classes(TRAIN_NAMES)
+    (ep, es), (tp, ts) = _EVAL_CLASSES, _TRAIN_CLASSES
     return [n for c in rng.sample(tp, len(ep)) + rng.sample(ts, len(es)) for n in c]
 
 PLAIN_FACT = "the code for locker {n} is {c}."
