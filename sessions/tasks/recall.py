@@ -47,7 +47,7 @@ TRAIN_POOLS = ("all", "eval_size")
 def _reversal_classes(names: list[str]) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
     """``names`` as reversal pairs (``AB``, ``BA``) and doubled letters (``AA``)."""
     pairs = sorted({tuple(sorted((n, n[::-1]))) for n in names if n != n[::-1]})
-    assert set(b for _, b in pairs) <= set(names), "name set not closed under reversal"
+    assert {n for p in pairs for n in p} <= set(names), "name set not closed under reversal"
     return pairs, [(n,) for n in names if n == n[::-1]]
 
 
