@@ -267,16 +267,14 @@ def _write_distillation(mem: TensorMemory, batch: EpisodeBatch, probes, ctx):
     episode."""
     mass = torch.zeros(mem.salience_BM.shape, dtype=torch.float32,
                        device=mem.salience_BM.device)
-    answer = batch.probe_answer.float()
-    ctx_tokens = torch.ones(batch.ctx_rows.numel(), batch.seg_idx.shape[1], device=mass.device)
-    for res, rows, weight_RT in ((probes, batch.probe_row, answer),
-                                 (ctx, batch.ctx_episode, ctx_tokens)):
+    answer = batch.probe_answer.float().to(mass.device)
+    for res, rows, answer_RT in ((probes, batch.probe_row, answer), (ctx, batch.ctx_episode, None)):
         if res is None or not rows.numel():
             continue
         for read in res.reads.values():
-            if read.trace_mass is not None:
-                per_row = torch.einsum("rtm,rt->rm", read.trace_mass,
-                                       weight_RT.to(mass.device))
+            if read.trace_mass is not None:  # a scored context segment: all its tokens
+                per_row = read.trace_mass.sum(1) if answer_RT is None else \
+                    torch.einsum("rtm,rt->rm", read.trace_mass, answer_RT)
                 mass.index_add_(0, rows.to(mass.device), per_row)
     return write_distillation_loss(mem.salience_BM, mem.session_BM, mem.valid_BM, mass)
 

@@ -101,21 +101,19 @@ class Runner:
             return None
         names = [e.namespace for e in eps]
         sessions = [[s.id for s in e.sessions] for e in eps]
+        prior = self.model.cfg.salience_in_read
         if self.arm.backend == "knn":
             return KNNMemory(len(eps), self.model.backbone.cfg.d_model, self.model.cfg.key_dim,
                              self.seq_len, self.device, namespaces=names,
-                             session_names=sessions,
-                             salience_prior=self.model.cfg.salience_in_read)
+                             session_names=sessions, salience_prior=prior)
         if self.exp.eval.backend == "tensor":
             mem = TensorMemory(len(eps), self.model.backbone.cfg.d_model, self.model.cfg.key_dim,
                                min(self.model.cfg.max_trace_tokens, self.seq_len), self.device,
-                               namespaces=names, session_names=sessions,
-                               salience_prior=self.model.cfg.salience_in_read)
+                               namespaces=names, session_names=sessions, salience_prior=prior)
         else:
             from engram.store_memory import StoreMemory
 
-            mem = StoreMemory(self.store(), names, sessions, self.version,
-                              salience_prior=self.model.cfg.salience_in_read)
+            mem = StoreMemory(self.store(), names, sessions, self.version, salience_prior=prior)
         mem.read_scope = self.exp.eval.read_scope
         return mem
 
