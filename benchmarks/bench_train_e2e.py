@@ -4,7 +4,7 @@ one trainer's own step, with HF transformers anchors of the same shape.
 Our rows time ``Trainer._step`` (``sessions/trainer.py``) on an ``LMObjective`` over the
 synthetic text streams (``train.data=synthetic``): the batch sampled on the host, pinned and
 copied without blocking, bf16 autocast forward (fp32 residual stream, fp32 master weights
-and optimizer state), backward, ``clip_grad_norm_``, fused AdamW, zero grads, router-bias
+and optimizer state), backward, clipping, AdamW (``sessions.optimizer``), zero grads, router-bias
 update — in the trainer's modes:
 
   eager           ``Trainer._step`` as configured by default
@@ -21,6 +21,9 @@ d 1024 and 16 heads. Models:
   flat_moe, group_limited, hierarchical, progressive
                   our MoE kinds (bias balancing on, so the bias update does real work;
                   progressive gets the streams' domain labels, so its label loss runs)
+  KIND:cast       the same with ``train.expert_copies=false``: the experts' bf16 weights
+                  cast in every forward, fp32 gradients, torch's fused AdamW for all
+                  (the default has the optimizer own the bf16 copies: sessions/optimizer.py)
   hf_llama        transformers LlamaForCausalLM, same shape, dense (intermediate 2048), tied
   hf_mixtral      transformers MixtralForCausalLM, same shape, 64 experts of width 512, top 4,
                   its default experts implementation (recorded in the row;
@@ -86,10 +89,10 @@ def model_config(kind: str, shape: str) -> ModelConfig:
                        n_heads=SHAPES[shape]["n_heads"], seq_len=SEQ, ffn=ffn)
 
 
-def train_config(mode: str) -> TrainConfig:
+def train_config(mode: str, expert_copies: bool = True) -> TrainConfig:
     return TrainConfig(steps=100_000, batch_size=BATCH, lr=1e-3, warmup_steps=100,
                        data="synthetic", device="cuda", compile=mode.startswith("compiled"),
-                       cuda_graph=mode.endswith("graph"))
+                       cuda_graph=mode.endswith("graph"), expert_copies=expert_copies)
 
 
 def objective_for(shape: str):
@@ -105,7 +108,9 @@ def build_trainer(name: str, shape: str, mode: str, out_dir: Path):
     from mhc.model import MHCModel
     from sessions.trainer import Trainer
 
-    run = RunConfig(model=model_config(name, shape), train=train_config(mode))
+    kind, _, variant = name.partition(":")  # KIND or KIND:cast
+    run = RunConfig(model=model_config(kind, shape),
+                    train=train_config(mode, expert_copies=variant != "cast"))
     torch.manual_seed(0)
     with torch.device("cuda"):  # initialise on the GPU: 0.4-0.8 B parameters
         model = MHCModel(run.model)
@@ -248,13 +253,14 @@ def time_steps(run, steps: int, windows: int) -> float:
 
 
 def measure(name: str, shape: str, mode: str, args) -> dict:
+    from kernels import optim
     from kernels.routing import grouped
 
-    before = dict(grouped.CALLS)
+    before, before_opt = dict(grouped.CALLS), dict(optim.CALLS)
     last, counter, info = {}, itertools.count(), {}
     with tempfile.TemporaryDirectory() as tmp:
         if name.startswith("hf_"):
-            from sessions.trainer import make_optimizer
+            from sessions.optimizer import make_optimizer
 
             model, active, info = build_hf(name, shape)
             model.train()
@@ -275,13 +281,19 @@ def measure(name: str, shape: str, mode: str, args) -> dict:
     d = SHAPES[shape]["d_model"]
     flops = 6 * active + 12 * LAYERS * d * SEQ
     tok_s = BATCH * SEQ / row["step_s"]
-    graph = None
-    if not name.startswith("hf_") and trainer.graph is not None:
-        graph = {"eager_steps": trainer.graph.eager_steps, "replays": trainer.graph.replays}
+    # our AdamW kernel's calls (the experts' copies: eager steps, warm-up and capture)
+    opt_calls = {k: v - before_opt.get(k, 0) for k, v in optim.CALLS.items()
+                 if v - before_opt.get(k, 0)}
+    graph, copies = None, False
+    if not name.startswith("hf_"):
+        copies = trainer.expert_copies
+        if trainer.graph is not None:
+            graph = {"eager_steps": trainer.graph.eager_steps, "replays": trainer.graph.replays}
     return dict(shape=shape, model=name, mode=mode, tokens_per_s=tok_s,
                 step_ms=row.pop("step_s") * 1e3, mfu=tok_s * flops / PEAK_FLOPS,
                 busy_tokens_per_s=BATCH * SEQ / (row["gpu_busy_ms"] / 1e3), **row,
-                expert_mm_calls=calls, graph=graph, active_params=active,
+                expert_mm_calls=calls, expert_copies=copies, copy_adamw_calls=opt_calls,
+                graph=graph, active_params=active,
                 flops_per_token=flops, total_params=sum(p.numel() for p in model.parameters()),
                 loss=float(last["loss"]), **info)
 
@@ -382,7 +394,8 @@ def main(argv=None) -> int:
         plan = [(mode, name) for mode in args.modes.split(",") if mode
                 for name in args.models.split(",") if name]
     unknown = sorted({n for _, n in plan if n not in MODELS and
-                      n.partition(":")[0] not in ("hf_llama", "hf_mixtral")})
+                      n.partition(":")[0] not in ("hf_llama", "hf_mixtral") and
+                      not (n.partition(":")[0] in OURS and n.partition(":")[2] == "cast")})
     if unknown:
         ap.error(f"--models/--rows: unknown {unknown}; known {list(MODELS)}")
     bad_modes = sorted({m for m, _ in plan} - set(MODES))

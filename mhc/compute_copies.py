@@ -17,6 +17,14 @@ reaches the master in the master's dtype (fp32 gradients, fp32 optimizer state).
 Under ``torch.compile`` or CUDA-graph capture the cast stays in the graph (once per forward):
 a compiled graph cannot ask whether a step happened, and a captured one must re-cast on every
 replay. Under inference mode nothing is cached (an inference tensor cannot join autograd).
+
+**Attached copies** (``attach``): an optimizer that updates the master and rewrites its copy
+in one pass (``sessions.optimizer.AdamW``) attaches a persistent copy, a leaf that requires
+grad. The forward then reads that copy as it is, in eager mode, under CUDA-graph capture and
+in inference, and its gradient stays in the copy's dtype, in ``copy.grad``, for the optimizer
+to apply. Only a master changed by anything else (its version counter or storage moved:
+``load_state_dict``, ``.to()``, in-place edits) makes the forward re-cast it into the copy.
+Under ``torch.compile`` the cast of the master is used instead (fp32 gradients).
 """
 
 from __future__ import annotations
@@ -54,12 +62,47 @@ class _MasterGrad(torch.autograd.Function):
         return grad.to(ctx.dtype), None
 
 
+def attach(master: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Give ``master`` a persistent copy in ``dtype`` (a leaf requiring grad) that the
+    forward reads and the caller (an optimizer) keeps equal to the master; returns it."""
+    with torch.no_grad():
+        copy = master.detach().to(dtype).requires_grad_(True)
+    master._attached_copy = copy
+    master._attached_stamp = _stamp(master)
+    return copy
+
+
+def attached(master: torch.Tensor) -> torch.Tensor | None:
+    """``master``'s attached copy, or None."""
+    return getattr(master, "_attached_copy", None)
+
+
+def _stamp(master: torch.Tensor) -> tuple:
+    return master.data_ptr(), master._version, master.device, master.shape
+
+
+def _read_attached(master: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
+    if master._attached_stamp != _stamp(master):  # changed by something else: re-cast
+        if copy.shape != master.shape or copy.device != master.device:
+            copy = attach(master, copy.dtype)  # the owner reads it through attached()
+        else:
+            with torch.inference_mode(False), torch.no_grad():
+                copy.copy_(master)
+            master._attached_stamp = _stamp(master)
+    return copy
+
+
 def compute_weight(cache: dict, name: str, master: torch.Tensor,
                    dtype: torch.dtype) -> torch.Tensor:
-    """``master`` in ``dtype``, from ``cache`` (a dict the owning module keeps) when still
-    valid, differentiable w.r.t. ``master``."""
+    """``master`` in ``dtype``: its attached copy (``attach``) when it has one, else from
+    ``cache`` (a dict the owning module keeps) when still valid; differentiable w.r.t.
+    ``master`` (or, for an attached copy, w.r.t. the copy)."""
     if master.dtype == dtype:
         return master
+    if not torch.compiler.is_compiling():
+        copy = attached(master)
+        if copy is not None and copy.dtype == dtype:
+            return _read_attached(master, copy)
     if (torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
             or (master.is_cuda and torch.cuda.is_current_stream_capturing())):
         return master.to(dtype)

@@ -18,8 +18,10 @@ plus the window's statistics, summed in place into static device tensors.
   batch whose shape differs from the captured one is a ``ValueError`` naming the cause.
 * Checkpoints: the optimizer's state dict stores the learning rate as a number, and loading
   one (saved with or without this option) restores the device tensor and ``capturable``.
-* The fp32 experts' bf16 compute copies are cast inside the graph on every replay; after a
-  replay the copies cached for eager use (validation) are marked stale.
+* The experts' bf16 compute copies: with ``train.expert_copies`` (the default) the captured
+  AdamW step writes them (``sessions.optimizer``) and the forward reads them; without it
+  they are cast inside the graph on every replay and, after a replay, the copies cached for
+  eager use (validation) are marked stale.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The one training loop: backbone language modelling, memory training and every baseline arm
 go through ``Trainer`` with an objective (``sessions.objectives``).
 
-* AdamW (fused on CUDA) with linear warm-up and cosine decay **by step**; a wall-clock budget
-  (``train.max_minutes``) only chooses the number of steps before training starts
-  (``plan_steps`` times a few steps on a throw-away copy), so the same config and seed give
-  the same run.
+* AdamW (fused on CUDA; the experts' weights updated from their bf16 gradients with their
+  bf16 compute copies written in the same kernel: ``sessions.optimizer``) with linear
+  warm-up and cosine decay **by step**; a wall-clock budget (``train.max_minutes``) only
+  chooses the number of steps before training starts (``plan_steps`` times a few steps on a
+  throw-away copy), so the same config and seed give the same run.
 * bf16 autocast on CUDA (fp32 master weights and optimizer state), gradient clipping (on
   CUDA folded into the fused AdamW step as its ``grad_scale``),
   router-bias (aux-loss-free) balancing after every optimizer step, optional
@@ -40,6 +41,7 @@ from mhc.moe import FFNAux
 from mhc.stats import layer_stats, summarize
 from sessions import checkpoint, distributed
 from sessions.objectives import backbone_of, move
+from sessions.optimizer import make_optimizer
 
 
 @dataclass
@@ -73,15 +75,6 @@ def lr_at(t: TrainConfig, step: int) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine)
 
 
-def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device):
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2),
-                             fused=device.type == "cuda")
-
-
 class Trainer:
     def __init__(self, model: torch.nn.Module, objective, train: TrainConfig, out_dir: Path,
                  config: dict, kind: str = "backbone", progress: bool = True,
@@ -100,7 +93,11 @@ class Trainer:
         if self.dist.enabled:
             self.parallel = distributed.DataParallel(self.dist, self.model, objective, train,
                                                      self.step_model, self.device)
-        self.optimizer = make_optimizer(self.model, train, self.device)
+        # the experts' bf16 copies owned by the optimizer (sessions.optimizer): not under
+        # DDP/FSDP (they reduce parameters' gradients) nor compile (it casts in its graph)
+        self.expert_copies = train.expert_copies and self.device.type == "cuda" and \
+            self.parallel is None and not train.compile
+        self.optimizer = make_optimizer(self.model, train, self.device, self.expert_copies)
         # Clipping folded into the fused AdamW step: it divides each gradient by
         # ``grad_scale`` as it reads it (the hook AMP's GradScaler uses), which saves the
         # separate pass that rescales every gradient in place (read + write, 8 B/param).
@@ -133,8 +130,7 @@ class Trainer:
                 self.parallel.loss(batch)
         out.loss.backward()
         if self.clip_in_optimizer:  # implies t.grad_clip
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads)
+            grad_norm = self.optimizer.grad_norm()  # the experts' copies' gradients included
             # = 1 / clip_grad_norm_'s clamped coefficient max_norm / (norm + 1e-6)
             self.optimizer.grad_scale.copy_(((grad_norm + 1e-6) / t.grad_clip).clamp_min(1.0))
         elif t.grad_clip:
