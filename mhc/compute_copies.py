@@ -24,7 +24,10 @@ grad. The forward then reads that copy as it is, in eager mode, under CUDA-graph
 in inference, and its gradient stays in the copy's dtype, in ``copy.grad``, for the optimizer
 to apply. Only a master changed by anything else (its version counter or storage moved:
 ``load_state_dict``, ``.to()``, in-place edits) makes the forward re-cast it into the copy.
-Under ``torch.compile`` the cast of the master is used instead (fp32 gradients).
+A compiled forward reads the copy as a graph input, and a replayed CUDA graph reads it as
+captured: neither can run that check, so ``refresh`` makes it outside them (the trainer, before
+every step). ``detach`` ends the arrangement (any new ``sessions.optimizer.AdamW`` detaches
+the copies of its parameters that it does not own).
 """
 
 from __future__ import annotations
@@ -65,16 +68,44 @@ class _MasterGrad(torch.autograd.Function):
 def attach(master: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Give ``master`` a persistent copy in ``dtype`` (a leaf requiring grad) that the
     forward reads and the caller (an optimizer) keeps equal to the master; returns it."""
-    with torch.no_grad():
-        copy = master.detach().to(dtype).requires_grad_(True)
+    with torch.inference_mode(False), torch.no_grad():
+        copy = master.detach().to(dtype).requires_grad_(master.requires_grad)
     master._attached_copy = copy
     master._attached_stamp = _stamp(master)
     return copy
 
 
+def detach(master: torch.Tensor) -> None:
+    """Drop ``master``'s attached copy (its forward casts again, its gradient is its own)."""
+    for name in ("_attached_copy", "_attached_stamp"):
+        master.__dict__.pop(name, None)
+
+
+def zero_grad(params, set_to_none: bool = True) -> None:
+    """Clear the gradients of the attached copies of ``params`` (``model.zero_grad()``
+    clears the parameters' own only)."""
+    for p in params:
+        copy = attached(p)
+        if copy is not None and copy.grad is not None:
+            if set_to_none:
+                copy.grad = None
+            else:
+                copy.grad.zero_()
+
+
 def attached(master: torch.Tensor) -> torch.Tensor | None:
     """``master``'s attached copy, or None."""
     return getattr(master, "_attached_copy", None)
+
+
+def refresh(params) -> None:
+    """Re-cast the attached copy of every master in ``params`` that changed other than
+    through its owner (outside compiled or captured code: the trainer calls this before
+    each step, so compiled forwards and graph replays read current copies)."""
+    for p in params:
+        copy = attached(p)
+        if copy is not None:
+            _read_attached(p, copy)
 
 
 def _stamp(master: torch.Tensor) -> tuple:
@@ -99,10 +130,11 @@ def compute_weight(cache: dict, name: str, master: torch.Tensor,
     ``master`` (or, for an attached copy, w.r.t. the copy)."""
     if master.dtype == dtype:
         return master
-    if not torch.compiler.is_compiling():
-        copy = attached(master)
-        if copy is not None and copy.dtype == dtype:
-            return _read_attached(master, copy)
+    copy = attached(master)
+    if copy is not None and copy.dtype == dtype:
+        if torch.compiler.is_compiling():  # a graph input; freshness: refresh(), outside
+            return copy
+        return _read_attached(master, copy)
     if (torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
             or (master.is_cuda and torch.cuda.is_current_stream_capturing())):
         return master.to(dtype)

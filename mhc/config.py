@@ -158,8 +158,9 @@ class TrainConfig:
     # objectives with fixed batch shapes (text streams, not episodes): sessions/graph_step.py
     cuda_graph: bool = False
     # the optimizer keeps the experts' bf16 compute copies and updates them from their bf16
-    # gradients in one kernel (sessions/optimizer.py); applies on CUDA to one process that
-    # is not compiled, else ignored. false: casts in the forward, fp32 gradients, torch AdamW
+    # gradients in one kernel (sessions/optimizer.py); applies on CUDA to one process with
+    # an objective of one forward a step (language modelling), else ignored. false: casts
+    # in the forward, fp32 gradients, torch AdamW
     expert_copies: bool = True
     # under torchrun (WORLD_SIZE > 1): ddp replicates the model and averages gradients; fsdp
     # shards parameters, gradients and optimizer state per block (FSDP2 fully_shard) for a

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mhc import compute_copies
 from mhc.attention import CausalSelfAttention, RMSNorm, rope_tables
 from mhc.config import ModelConfig
 from mhc.moe import MHCFFN, FFNAux
@@ -69,6 +70,12 @@ class MHCModel(nn.Module):
         cos, sin = rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The parameters' gradients and those of the experts' attached compute copies
+        (``mhc.compute_copies``, owned by the trainer's optimizer on CUDA)."""
+        super().zero_grad(set_to_none)
+        compute_copies.zero_grad(self.parameters(), set_to_none)
 
     def forward(
         self,

@@ -52,6 +52,9 @@ def backbone_of(model: torch.nn.Module):
 
 class LMObjective:
     name = "lm"
+    # one forward per step: each expert weight is read once, so its gradient arrives whole
+    # (the trainer lets the optimizer own bf16 compute copies only then: sessions/optimizer)
+    one_forward = True
     shard = None  # several ranks: this rank's rows of every batch (set by the trainer)
 
     def __init__(self, run, cache_dir: Path = Path("cache"), quiet: bool = False):
@@ -120,6 +123,7 @@ def sample_probes(eps: list[Episode], k: int, rng: random.Random, balance_by: st
 
 class EpisodeObjective:
     name = "episodes"
+    one_forward = False  # context, traces and probes: the backbone runs two or three times
     shard = None  # several ranks: this rank's episodes of every batch (set by the trainer)
 
     def __init__(self, exp, seed: int, probes_per_episode: int = 0):

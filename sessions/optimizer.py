@@ -11,9 +11,10 @@ of the MoE model's parameters). Every other parameter goes through torch's AdamW
 The update, the state (``exp_avg``, ``exp_avg_sq``, ``step`` per master) and the state dict
 are torch's AdamW's, so checkpoints move freely between the two.
 
-The trainer turns copies on for one CUDA process that is not compiled (``Trainer``): DDP
-and FSDP reduce the gradients of parameters, not of copies, and a compiled forward casts
-inside its graph. ``grad_norm`` is the norm over every gradient the step will apply, in
+The trainer turns copies on for one CUDA process and an objective of one forward a step
+(``Trainer``): DDP and FSDP reduce the gradients of parameters, not of copies, and several
+reads of a copy in one step would sum their gradients in bf16. A compiled forward reads the
+copies as graph inputs. ``grad_norm`` is the norm over every gradient the step will apply, in
 fp32 (the clipping the trainer folds into ``grad_scale``); ``zero_grad`` clears the copies'
 gradients too (``model.zero_grad()`` does not: it knows parameters only).
 """
@@ -68,8 +69,23 @@ class AdamW(torch.optim.AdamW):
         self._copied = [[p for p in g["params"] if id(p) in ids] for g in self.param_groups]
         if sum(map(len, self._copied)) != len(ids):
             raise ValueError("AdamW: every compute-copy master must be one of the parameters")
-        for p in copy_masters:  # checked first: a refused optimizer changes nothing
+        # checked first: a refused optimizer changes nothing. Copies a previous optimizer
+        # attached to these parameters are dropped: only their owner keeps them current.
+        for g in self.param_groups:
+            for p in g["params"]:
+                if id(p) not in ids:
+                    compute_copies.detach(p)
+        for p in copy_masters:
             compute_copies.attach(p, copy_dtype)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_copied"):  # after __init__: a group without copies
+            self._copied.append([])
+
+    def copy_masters(self) -> list[torch.Tensor]:
+        """The parameters whose compute copies this optimizer owns."""
+        return [p for ps in self._copied for p in ps]
 
     def _gradient(self, p: torch.Tensor) -> torch.Tensor | None:
         """The gradient of copied master ``p``: its copy's, or its own (fp32: a forward that
@@ -104,30 +120,27 @@ class AdamW(torch.optim.AdamW):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
-        for ps in self._copied:
-            for p in ps:
-                copy = compute_copies.attached(p)
-                if copy.grad is not None:
-                    if set_to_none:
-                        copy.grad = None
-                    else:
-                        copy.grad.zero_()
+        compute_copies.zero_grad((p for ps in self._copied for p in ps), set_to_none)
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:  # first, as torch does: its backward makes the gradients
+            with torch.enable_grad():
+                loss = closure()
         pending = []  # (group, master, gradient) of the copied masters that have one
         hidden = []  # (master, its own fp32 .grad): hidden from torch's step, put back after
         for group, ps in zip(self.param_groups, self._copied, strict=True):
             for p in ps:
-                g = self._gradient(p)
-                if g is None:
+                g = self._gradient(p) if p.requires_grad else None
+                if g is None:  # no gradient, or frozen: torch skips it too
                     continue
                 pending.append((group, p, g))
                 if p.grad is not None:
                     hidden.append((p, p.grad))
                     p.grad = None
         try:
-            loss = super().step(closure)
+            super().step()
         finally:
             for p, g in hidden:
                 p.grad = g

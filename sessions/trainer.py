@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mhc import compute_copies
 from mhc.config import TrainConfig
 from mhc.moe import FFNAux
 from mhc.stats import layer_stats, summarize
@@ -94,9 +95,10 @@ class Trainer:
             self.parallel = distributed.DataParallel(self.dist, self.model, objective, train,
                                                      self.step_model, self.device)
         # the experts' bf16 copies owned by the optimizer (sessions.optimizer): not under
-        # DDP/FSDP (they reduce parameters' gradients) nor compile (it casts in its graph)
+        # DDP/FSDP (they reduce parameters' gradients), and only for one forward a step
+        # (several reads would sum their gradients in bf16)
         self.expert_copies = train.expert_copies and self.device.type == "cuda" and \
-            self.parallel is None and not train.compile
+            self.parallel is None and getattr(objective, "one_forward", False)
         self.optimizer = make_optimizer(self.model, train, self.device, self.expert_copies)
         # Clipping folded into the fused AdamW step: it divides each gradient by
         # ``grad_scale`` as it reads it (the hook AMP's GradScaler uses), which saves the
@@ -113,6 +115,8 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------
     def _step(self, step: int):
+        if self.expert_copies:  # masters changed since (a load): re-cast, outside any graph
+            compute_copies.refresh(self.optimizer.copy_masters())
         if self.graph is not None:
             return self.graph.step(step)
         lr = lr_at(self.train, step)

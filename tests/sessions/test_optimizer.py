@@ -7,7 +7,9 @@ for everything else and clipping folded into ``grad_scale`` as the trainer does 
 losses, gradient norms and every parameter agree; the gradients live on the copies, the
 masters get none; each copy equals its master rounded after every step; the state dict is
 torch AdamW's (it loads into one and training continues the same); loading weights into the
-model refreshes the copies; ``zero_grad`` clears them. The Triton kernel itself is tested in
+model refreshes the copies; ``zero_grad`` (the optimizer's and the model's) clears them; a
+closure runs before the step; frozen experts stay frozen; a later optimizer without copies
+detaches them. The Triton kernel itself is tested in
 ``tests/kernels/test_adamw.py``; the trainer on a GPU in ``test_trainer_cuda.py``.
 """
 
@@ -50,10 +52,11 @@ def _batch(step):
     return torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(step))
 
 
-def _step(model, opt, step):
+def _step(model, opt, step, forward=None):
+    """One trainer-like step; ``forward``: the model to run (default ``model``)."""
     idx = _batch(step)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(idx[:, :-1], idx[:, 1:]).loss
+        loss = (model if forward is None else forward)(idx[:, :-1], idx[:, 1:]).loss
     loss.backward()
     norm = opt.grad_norm()
     opt.grad_scale.copy_(((norm + 1e-6) / CLIP).clamp_min(1.0))
@@ -145,3 +148,87 @@ def test_bad_masters_are_refused():
         AdamW(model.parameters(), copy_masters=[stranger])
     with pytest.raises(ValueError, match="contiguous fp32"):
         AdamW([stranger], copy_masters=[torch.nn.Parameter(torch.zeros(4, 4).t())])
+
+
+def test_a_closure_runs_before_the_step():
+    model, ref = _model(), _model()
+    opt, plain = _optimizer(model, True), _optimizer(ref, False)
+
+    def closure_of(m, o):
+        def closure():
+            o.zero_grad()
+            idx = _batch(0)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = m(idx[:, :-1], idx[:, 1:]).loss
+            loss.backward()
+            return loss
+        return closure
+
+    la, lb = opt.step(closure_of(model, opt)), plain.step(closure_of(ref, plain))
+    assert float(la.detach()) == float(lb.detach())
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert _rel(p, q) < 1e-6
+    assert _rel(_expert_weights(model)[0], _expert_weights(_model())[0]) > 1e-2  # moved
+
+
+def test_frozen_experts_stay_frozen():
+    model = _model()
+    experts = _expert_weights(model)
+    for p in experts:
+        p.requires_grad_(False)
+    before = [p.detach().clone() for p in experts]
+    opt = _optimizer(model, True)
+    _step(model, opt, 0)
+    assert all(torch.equal(p, b) for p, b in zip(experts, before, strict=True))
+    assert all(compute_copies.attached(p).grad is None for p in experts)
+
+
+def test_a_later_optimizer_without_copies_detaches_them():
+    model, _, _ = _train(True, steps=1)
+    experts = _expert_weights(model)
+    _optimizer(model, False)  # e.g. a CPU or distributed trainer on the same model
+    assert all(compute_copies.attached(p) is None for p in experts)
+    idx = _batch(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx[:, :-1], idx[:, 1:]).loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in experts)
+
+
+def test_model_zero_grad_clears_the_copies():
+    model = _model()
+    _optimizer(model, True)
+    idx = _batch(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx[:, :-1], idx[:, 1:]).loss.backward()
+    experts = _expert_weights(model)
+    assert all(compute_copies.attached(p).grad is not None for p in experts)
+    model.zero_grad(set_to_none=True)
+    assert all(compute_copies.attached(p).grad is None for p in experts)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_compiled_forward_reads_the_copies():
+    """``torch.compile(fullgraph=True)``: the copies are graph inputs (bf16 gradients, none on
+    the masters), the step's rewrite reaches the compiled forward, and a master loaded from
+    elsewhere reaches it after ``refresh`` (the trainer's call before every step)."""
+    model, eager = _model(), _model()
+    opt, eager_opt = _optimizer(model, True), _optimizer(eager, True)
+    compiled = torch.compile(model, fullgraph=True)
+    for s in range(2):
+        got, want = _step(model, opt, s, compiled), _step(eager, eager_opt, s)
+        assert got[0] == pytest.approx(want[0], rel=1e-4)
+        assert got[1] == pytest.approx(want[1], rel=1e-3)
+    idx = _batch(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled(idx[:, :-1], idx[:, 1:]).loss.backward()
+    assert all(p.grad is None for p in _expert_weights(model))
+    assert all(compute_copies.attached(p).grad.dtype == torch.bfloat16
+               for p in _expert_weights(model))
+    opt.zero_grad()
+    fresh = _model(seed=1)
+    model.load_state_dict(fresh.state_dict())
+    compute_copies.refresh(_expert_weights(model))
+    idx = _batch(9)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = compiled(idx[:, :-1], idx[:, 1:]).loss, fresh(idx[:, :-1], idx[:, 1:]).loss
+    assert float(got) == pytest.approx(float(want), rel=1e-4)

@@ -6,10 +6,13 @@
 * The experts' compute copies owned by the optimizer (``train.expert_copies``, the default:
   bf16 gradients on the copies, our Triton AdamW kernel writing master and copy) train like
   torch's fused AdamW on fp32 gradients of per-forward casts; the path taken is asserted
-  (no expert master gets a gradient, the Triton kernel ran once per expert weight and step).
+  (no expert master gets a gradient, the Triton kernel ran once per expert weight and step);
+  an objective of several forwards a step (episodes) keeps them off.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +20,10 @@ import torch
 from kernels import optim
 from mhc import compute_copies, presets
 from mhc.model import MHCModel
-from sessions.objectives import LMObjective, move
+from sessions.experiment import load_experiment
+from sessions.objectives import EpisodeObjective, LMObjective, move
 from sessions.optimizer import _expert_weights
+from sessions.pipeline import build_model
 from sessions.trainer import Trainer, autocast
 
 
@@ -85,3 +90,16 @@ def test_expert_copies_train_like_torch_adamw(tmp_path):
         ours.objective.loss(ours.model, move(batch, ours.device)).loss.backward()
     assert all(p.grad is None for p in experts)
     assert all(compute_copies.attached(p).grad.dtype == torch.bfloat16 for p in experts)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_episodes_keep_fp32_expert_gradients(tmp_path):
+    """Episodes run the backbone several times a step: the copies' gradients would be summed
+    in bf16, so the trainer leaves the copies off there."""
+    smoke = Path(__file__).resolve().parents[2] / "configs" / "experiments" / "smoke.yaml"
+    exp = load_experiment(str(smoke), ["train.device=cuda"])
+    trainer = Trainer(build_model(exp, "on"), EpisodeObjective(exp, exp.train.seed), exp.train,
+                      tmp_path / "ep", {}, progress=False)
+    assert exp.train.expert_copies and not trainer.expert_copies
+    assert all(compute_copies.attached(p) is None for p in trainer.model.parameters())
