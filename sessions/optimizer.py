@@ -157,10 +157,20 @@ class AdamW(torch.optim.AdamW):
                     p, memory_format=torch.preserve_format)
         steps = [self.state[p]["step"] for _, p, _ in pending]
         torch._foreach_add_(steps, 1.0)
+        # 1 - beta ** step as torch's AdamW computes it (a few foreach launches for all)
+        bias = {}
+        for betas in {tuple(group["betas"]) for group, _, _ in pending}:
+            idx = [i for i, (group, _, _) in enumerate(pending) if tuple(group["betas"]) == betas]
+            for k, beta in enumerate(betas):
+                powers = torch._foreach_pow(beta, [steps[i] for i in idx])
+                torch._foreach_neg_(powers)
+                torch._foreach_add_(powers, 1.0)
+                for i, t in zip(idx, powers, strict=True):
+                    bias[i, k] = t
         scale = getattr(self, "grad_scale", None)
-        for group, p, g in pending:
+        for i, (group, p, g) in enumerate(pending):
             state = self.state[p]
             beta1, beta2 = group["betas"]
             adamw_step_(p, g, state["exp_avg"], state["exp_avg_sq"],
-                        compute_copies.attached(p), state["step"], group["lr"], beta1, beta2,
-                        group["eps"], group["weight_decay"], scale)
+                        compute_copies.attached(p), bias[i, 0], bias[i, 1], group["lr"],
+                        beta1, beta2, group["eps"], group["weight_decay"], scale)

@@ -11,7 +11,7 @@ writes p, m, v and the bf16 copy: 28 B, one kernel, and nothing in the forward.
 The update is torch's AdamW (decoupled weight decay, bias correction from the step count), in
 fp32 whatever the gradient's dtype; the gradient is divided by ``grad_scale`` as it is read
 (clipping folded into the step, as with torch's fused ``grad_scale``). The learning rate and
-the step count may be device tensors, so the step can be captured in a CUDA graph; nothing
+the bias corrections may be device tensors, so the step can be captured in a CUDA graph; nothing
 synchronises with the host.
 
 Implementations (``kernels.backend()``, ``MHC_KERNELS``): the Triton kernel
@@ -36,13 +36,16 @@ CALLS: Counter = Counter()  # "triton" / "reference": which implementation each 
 
 
 def adamw_step_(p_N: torch.Tensor, g_N: torch.Tensor, m_N: torch.Tensor, v_N: torch.Tensor,
-                copy_N: torch.Tensor | None, step: torch.Tensor, lr: float | torch.Tensor,
-                beta1: float, beta2: float, eps: float, weight_decay: float,
-                grad_scale: torch.Tensor | None = None) -> None:
+                copy_N: torch.Tensor | None, bias1: torch.Tensor, bias2: torch.Tensor,
+                lr: float | torch.Tensor, beta1: float, beta2: float, eps: float,
+                weight_decay: float, grad_scale: torch.Tensor | None = None) -> None:
     """One AdamW step of ``p_N`` (fp32, in place) with moments ``m_N``, ``v_N`` (fp32, in
-    place) from gradient ``g_N`` (any float dtype), after ``step`` (a one-element fp32
-    tensor: the step count including this step) has been advanced; ``copy_N`` (optional,
-    e.g. bf16) receives the new weight in its dtype. All tensors contiguous, one shape."""
+    place) from gradient ``g_N`` (any float dtype); ``copy_N`` (optional, e.g. bf16) receives
+    the new weight in its dtype. ``bias1`` / ``bias2``: one-element fp32 device tensors
+    ``1 - beta ** step`` for the step count including this step, computed by the caller as
+    torch's AdamW does (``1 - beta2 ** step`` loses most of its digits to cancellation when
+    beta2 is near 1, so an in-kernel exp2/log2 would not match torch's pow). All weight-sized
+    tensors contiguous, one shape."""
     for name, t in (("p", p_N), ("g", g_N), ("m", m_N), ("v", v_N), ("copy", copy_N)):
         if t is None:
             continue
@@ -58,4 +61,5 @@ def adamw_step_(p_N: torch.Tensor, g_N: torch.Tensor, m_N: torch.Tensor, v_N: to
         impl, CALLS["triton"] = triton_adamw.adamw_step_, CALLS["triton"] + 1
     else:
         impl, CALLS["reference"] = reference.adamw_step_, CALLS["reference"] + 1
-    impl(p_N, g_N, m_N, v_N, copy_N, step, lr, beta1, beta2, eps, weight_decay, grad_scale)
+    impl(p_N, g_N, m_N, v_N, copy_N, bias1, bias2, lr, beta1, beta2, eps, weight_decay,
+         grad_scale)

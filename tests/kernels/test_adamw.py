@@ -35,7 +35,8 @@ def _run(impl, n, steps, lr, betas, eps, wd, scale, lr_tensor, seed=0):
     opt = torch.optim.AdamW([q], lr=lr, betas=betas, eps=eps, weight_decay=wd)
     for gr in grads:
         step += 1
-        impl(p, gr.to(DEVICE), m, v, copy, step, lr_arg, *betas, eps, wd, scale_t)
+        bias1, bias2 = 1 - betas[0] ** step, 1 - betas[1] ** step  # as torch computes them
+        impl(p, gr.to(DEVICE), m, v, copy, bias1, bias2, lr_arg, *betas, eps, wd, scale_t)
         q.grad = gr.float() / (scale if scale is not None else 1.0)
         opt.step()
     st_ = opt.state[q]
@@ -90,10 +91,10 @@ def test_kernel_equals_reference(n, steps, lr, beta1, beta2, wd, seed):
 
 def test_bad_operands_are_refused():
     p = torch.zeros(8, device=DEVICE)
-    m, v, step = torch.zeros_like(p), torch.zeros_like(p), torch.ones((), device=DEVICE)
+    m, v, bias = torch.zeros_like(p), torch.zeros_like(p), torch.ones((), device=DEVICE)
     with pytest.raises(ValueError, match="g must be contiguous"):
-        adamw_step_(p, torch.zeros(16, device=DEVICE)[::2], m, v, None, step, 1e-3,
+        adamw_step_(p, torch.zeros(16, device=DEVICE)[::2], m, v, None, bias, bias, 1e-3,
                     0.9, 0.95, 1e-8, 0.0)
     with pytest.raises(ValueError, match="must be fp32"):
-        adamw_step_(p.half(), p, m, v, None, step, 1e-3, 0.9, 0.95, 1e-8, 0.0)
+        adamw_step_(p.half(), p, m, v, None, bias, bias, 1e-3, 0.9, 0.95, 1e-8, 0.0)
     assert torch.equal(p, torch.zeros(8, device=DEVICE))  # nothing changed
