@@ -98,6 +98,12 @@ def attached(master: torch.Tensor) -> torch.Tensor | None:
     return getattr(master, "_attached_copy", None)
 
 
+def mark_current(master: torch.Tensor) -> None:
+    """Declare ``master``'s attached copy equal to it (its owner just wrote both), so the
+    version counter the owner's own in-place update moved does not trigger a re-cast."""
+    master._attached_stamp = _stamp(master)
+
+
 def refresh(params) -> None:
     """Re-cast the attached copy of every master in ``params`` that changed other than
     through its owner (outside compiled or captured code: the trainer calls this before

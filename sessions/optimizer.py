@@ -155,6 +155,9 @@ class AdamW(torch.optim.AdamW):
                 self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 self.state[p]["exp_avg_sq"] = torch.zeros_like(
                     p, memory_format=torch.preserve_format)
+        for _, p, _ in pending:  # a checkpoint saved without fused/capturable: step on CPU
+            if self.state[p]["step"].device != p.device:
+                self.state[p]["step"] = self.state[p]["step"].to(p.device)
         steps = [self.state[p]["step"] for _, p, _ in pending]
         torch._foreach_add_(steps, 1.0)
         # 1 - beta ** step as torch's AdamW computes it (a few foreach launches for all)
@@ -174,3 +177,4 @@ class AdamW(torch.optim.AdamW):
             adamw_step_(p, g, state["exp_avg"], state["exp_avg_sq"],
                         compute_copies.attached(p), bias[i, 0], bias[i, 1], group["lr"],
                         beta1, beta2, group["eps"], group["weight_decay"], scale)
+            compute_copies.mark_current(p)  # the torch reference's in-place ops moved _version

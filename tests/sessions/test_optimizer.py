@@ -232,3 +232,17 @@ def test_a_compiled_forward_reads_the_copies():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         got, want = compiled(idx[:, :-1], idx[:, 1:]).loss, fresh(idx[:, :-1], idx[:, 1:]).loss
     assert float(got) == pytest.approx(float(want), rel=1e-4)
+
+
+def test_the_step_leaves_no_stale_copy_behind():
+    """The torch reference updates the master in place (its version counter moves); the
+    optimizer marks the copy current, so the next forward does not cast it again."""
+    model = _model()
+    opt = _optimizer(model, True)
+    _step(model, opt, 0)
+    copies = [compute_copies.attached(p) for p in _expert_weights(model)]
+    versions = [c._version for c in copies]
+    idx = _batch(1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx[:, :-1], idx[:, 1:])
+    assert [c._version for c in copies] == versions
