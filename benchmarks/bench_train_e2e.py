@@ -393,9 +393,12 @@ def main(argv=None) -> int:
     else:
         plan = [(mode, name) for mode in args.modes.split(",") if mode
                 for name in args.models.split(",") if name]
-    unknown = sorted({n for _, n in plan if n not in MODELS and
-                      n.partition(":")[0] not in ("hf_llama", "hf_mixtral") and
-                      not (n.partition(":")[0] in OURS and n.partition(":")[2] == "cast")})
+    def known(name: str) -> bool:  # MODEL, hf_*:IMPL or one of ours :cast
+        base, _, variant = name.partition(":")
+        return name in MODELS or base in ("hf_llama", "hf_mixtral") or \
+            (base in OURS and variant == "cast")
+
+    unknown = sorted({n for _, n in plan if not known(n)})
     if unknown:
         ap.error(f"--models/--rows: unknown {unknown}; known {list(MODELS)}")
     bad_modes = sorted({m for m, _ in plan} - set(MODES))

@@ -128,14 +128,15 @@ class AdamW(torch.optim.AdamW):
         if closure is not None:  # first, as torch does: its backward makes the gradients
             with torch.enable_grad():
                 loss = closure()
-        pending = []  # (group, master, gradient) of the copied masters that have one
+        pending = []  # per group: (master, gradient) of its copied masters that have one
         hidden = []  # (master, its own fp32 .grad): hidden from torch's step, put back after
-        for group, ps in zip(self.param_groups, self._copied, strict=True):
+        for ps in self._copied:
+            pending.append([])
             for p in ps:
                 g = self._gradient(p) if p.requires_grad else None
                 if g is None:  # no gradient, or frozen: torch skips it too
                     continue
-                pending.append((group, p, g))
+                pending[-1].append((p, g))
                 if p.grad is not None:
                     hidden.append((p, p.grad))
                     p.grad = None
@@ -144,37 +145,37 @@ class AdamW(torch.optim.AdamW):
         finally:
             for p, g in hidden:
                 p.grad = g
-        if pending:
-            self._copy_step(pending)
+        for group, todo in zip(self.param_groups, pending, strict=True):
+            if todo:
+                self._copy_step(group, todo)
         return loss
 
-    def _copy_step(self, pending) -> None:
-        for _, p, _ in pending:
-            if not self.state[p]:  # torch AdamW's layout (the step on the weight's device)
-                self.state[p]["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                self.state[p]["exp_avg_sq"] = torch.zeros_like(
-                    p, memory_format=torch.preserve_format)
-        for _, p, _ in pending:  # a checkpoint saved without fused/capturable: step on CPU
-            if self.state[p]["step"].device != p.device:
-                self.state[p]["step"] = self.state[p]["step"].to(p.device)
-        steps = [self.state[p]["step"] for _, p, _ in pending]
-        torch._foreach_add_(steps, 1.0)
-        # 1 - beta ** step as torch's AdamW computes it (a few foreach launches for all)
-        bias = {}
-        for betas in {tuple(group["betas"]) for group, _, _ in pending}:
-            idx = [i for i, (group, _, _) in enumerate(pending) if tuple(group["betas"]) == betas]
-            for k, beta in enumerate(betas):
-                powers = torch._foreach_pow(beta, [steps[i] for i in idx])
-                torch._foreach_neg_(powers)
-                torch._foreach_add_(powers, 1.0)
-                for i, t in zip(idx, powers, strict=True):
-                    bias[i, k] = t
-        scale = getattr(self, "grad_scale", None)
-        for i, (group, p, g) in enumerate(pending):
+    def _copy_step(self, group: dict, todo: list) -> None:
+        for p, _ in todo:
             state = self.state[p]
-            beta1, beta2 = group["betas"]
-            adamw_step_(p, g, state["exp_avg"], state["exp_avg_sq"],
-                        compute_copies.attached(p), bias[i, 0], bias[i, 1], group["lr"],
-                        beta1, beta2, group["eps"], group["weight_decay"], scale)
+            if not state:  # torch AdamW's layout (the step on the weight's device)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif state["step"].device != p.device:  # saved without fused/capturable: on CPU
+                state["step"] = state["step"].to(p.device)
+        steps = [self.state[p]["step"] for p, _ in todo]
+        torch._foreach_add_(steps, 1.0)
+        beta1, beta2 = group["betas"]
+        bias1, bias2 = (_one_minus_powers(beta, steps) for beta in (beta1, beta2))
+        scale = getattr(self, "grad_scale", None)
+        for (p, g), b1, b2 in zip(todo, bias1, bias2, strict=True):
+            state = self.state[p]
+            adamw_step_(p, g, state["exp_avg"], state["exp_avg_sq"], compute_copies.attached(p),
+                        b1, b2, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                        scale)
             compute_copies.mark_current(p)  # the torch reference's in-place ops moved _version
+
+
+def _one_minus_powers(beta: float, steps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``1 - beta ** step`` for each step tensor, as torch's AdamW computes its bias
+    corrections (three foreach launches for all weights)."""
+    powers = torch._foreach_pow(beta, steps)
+    torch._foreach_neg_(powers)
+    torch._foreach_add_(powers, 1.0)
+    return powers
