@@ -7,11 +7,13 @@ encodes every context segment into a trace (the backbone alone), writes them sof
 TensorMemory and reads them. Generation: the answers of the last session's probes decoded
 byte by byte (no KV cache in either arm), ``on`` reading the episode's traces (written before
 the timer starts: the earlier sessions wrote them). Medians over interleaved repeats (off, on,
-off, on, ...) in one process.
+off, on, ...) in one process. On CUDA each arm's GPU-busy ms per step is recorded too (kernel
+and copy time from the profiler): a step whose wall time is far above it is host-bound.
+``--profile N`` prints each arm's N ops of most host (self CPU) time and most launches.
 
     python benchmarks/bench_train_memory.py                                   # recall5, CPU
-    python benchmarks/bench_train_memory.py configs/experiments/recall5.yaml preset=... \\
-        train.device=cuda
+    python benchmarks/bench_train_memory.py configs/experiments/recall5_small.yaml \\
+        train.device=cuda --profile 15
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks._results import append_result, environment  # noqa: E402
+from benchmarks.bench_train_e2e import gpu_busy  # noqa: E402
 from sessions.encoding import encode_probes  # noqa: E402
 from sessions.experiment import load_experiment  # noqa: E402
 from sessions.objectives import EpisodeObjective, move  # noqa: E402
@@ -79,12 +82,27 @@ def decode(trainer: Trainer, objective: EpisodeObjective, start: int, n: int) ->
     return len(probes) * steps, seconds
 
 
+def host_profile(step, top: int) -> str:
+    """One step under the profiler (host side): the ops of most self CPU time, and the
+    op count — what an eager, host-bound step spends its time on."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    ev = prof.key_averages()
+    n_ops = sum(e.count for e in ev if e.key.startswith("aten::"))
+    table = ev.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)
+    return f"aten ops per step: {n_ops}\n{table}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", default=DEFAULT, help="experiment YAML")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the experiment")
     p.add_argument("--repeats", type=int, default=10, help="measurements per arm")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="print each arm's N ops of most host time (one step, after timing)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
     exp = load_experiment(args.config, args.overrides)
@@ -104,11 +122,20 @@ def main(argv=None) -> int:
                 if i >= 2:  # two warm-up rounds
                     times[f"step_{arm}"].append(step_s)
                     times[f"gen_{arm}"].append(n_bytes / gen_s)
+        busy = {}
+        for i, (arm, tr) in enumerate(trainers.items()):
+            step = lambda tr=tr, i=i: tr._step(args.repeats + 2 + i)  # noqa: E731
+            if device.type == "cuda":
+                busy[arm] = gpu_busy(step, steps=2)[0]
+            if args.profile:
+                print(f"--- {arm}: host profile of one step ---")
+                print(host_profile(step, args.profile))
     med = {k: statistics.median(v) for k, v in times.items()}
     row = {"config": Path(args.config).name, "overrides": args.overrides,
            "device": str(device), "batch": exp.train.batch_size, "repeats": args.repeats,
            "step_ms_off": med["step_off"] * 1e3, "step_ms_on": med["step_on"] * 1e3,
            "step_ratio": med["step_on"] / med["step_off"],
+           "gpu_busy_ms_off": busy.get("off"), "gpu_busy_ms_on": busy.get("on"),
            "tokens_per_step_off": tokens["off"], "tokens_per_step_on": tokens["on"],
            "gen_bytes_s_off": med["gen_off"], "gen_bytes_s_on": med["gen_on"],
            "gen_ratio": med["gen_on"] / med["gen_off"]}
@@ -117,6 +144,8 @@ def main(argv=None) -> int:
     print(f"{row['device']:7} {row['step_ms_off']:12.1f} {row['step_ms_on']:11.1f} "
           f"{row['step_ratio']:6.2f} {row['gen_bytes_s_off']:15.1f} "
           f"{row['gen_bytes_s_on']:14.1f} {row['gen_ratio']:6.2f}")
+    if busy:
+        print(f"GPU-busy ms per step: off {busy['off']:.1f}, on {busy['on']:.1f}")
     print(f"env: {environment()}")
     if not args.no_save:
         append_result("bench_train_memory", row)
