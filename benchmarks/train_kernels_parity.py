@@ -10,6 +10,10 @@ the Triton routing kernels against the torch reference routing, nothing else). T
 final losses within 1 %. The two paths differ only by float summation order and bf16
 rounding, so the curves should agree far better than that; a selection flip shows as a jump.
 
+A third run repeats the torch reference (``--control``, on by default): how far the reference
+moves from itself run to run (GPU atomics, nondeterministic reductions) is the noise floor the
+Triton-vs-torch difference is read against. It is reported, not part of the pass test.
+
     PYTHONUNBUFFERED=1 python benchmarks/train_kernels_parity.py [--preset small] \
         [--steps 200] [--json out.json] [train.cuda_graph=true ...]
 
@@ -47,22 +51,31 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="debug", help="a preset or config file (debug, small)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-control", dest="control", action="store_false",
+                    help="skip the second torch-reference run (the run-to-run noise floor)")
     ap.add_argument("overrides", nargs="*", help="key=value for engram train, both runs")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        curves = {b: run_backend(b, args.preset, args.steps, Path(tmp) / b, args.overrides)
-                  for b in ("triton", "torch")}
+        arms = {"triton": "triton", "torch": "torch"}
+        if args.control:
+            arms["torch_again"] = "torch"
+        curves = {arm: run_backend(backend, args.preset, args.steps, Path(tmp) / arm,
+                                   args.overrides) for arm, backend in arms.items()}
     a, b = curves["triton"], curves["torch"]
     diffs = [abs(x - y) for x, y in zip(a, b, strict=True)]
+    control = [abs(x - y) for x, y in zip(curves.get("torch_again", b), b, strict=True)]
     final_rel = abs(a[-1] - b[-1]) / abs(b[-1])
     ok = max(diffs) <= MAX_ABS and final_rel <= FINAL_REL
     res = dict(preset=args.preset, overrides=args.overrides, steps=len(a),
                max_abs_diff=max(diffs),
                mean_abs_diff=sum(diffs) / len(diffs),
+               control_max_abs_diff=max(control) if args.control else None,
+               control_mean_abs_diff=sum(control) / len(control) if args.control else None,
                final_triton=a[-1], final_torch=b[-1], final_rel_diff=final_rel,
                tolerance=dict(max_abs=MAX_ABS, final_rel=FINAL_REL), passed=ok, curves=curves)
     for i in range(0, len(a), max(1, len(a) // 10)):
-        print(f"step {i + 1:4d}: triton {a[i]:.4f}  torch {b[i]:.4f}  |d| {diffs[i]:.2e}")
+        print(f"step {i + 1:4d}: triton {a[i]:.4f}  torch {b[i]:.4f}  |d| {diffs[i]:.2e}"
+              + (f"  torch again |d| {control[i]:.2e}" if args.control else ""))
     print(json.dumps({k: v for k, v in res.items() if k != "curves"}))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))

@@ -8,7 +8,9 @@
   for the window keeps its last bytes; an answer that cannot fit is an error.
 
 Rows are padded on the right (the model is causal: padding after a segment changes nothing
-before it); padded targets are ``-100`` (ignored by the loss).
+before it); padded targets are ``-100`` (ignored by the loss). Every tensor is made whole from
+Python lists and lengths, not element by element: a training batch has ~10³ rows, and one
+indexing op per row and slot cost ~25k tensor ops (tens of ms) a step.
 
 Shapes: N segment rows, P probe rows, S bytes per row, B episodes, n segment slots per row.
 """
@@ -50,12 +52,14 @@ def session_segments(session, seq_len: int) -> list[tuple[str, str]]:
 
 
 def _rows(byte_rows: list[bytes], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, mask) of byte rows right-padded to ``width`` (>= every row's length): each row's
+    bytes are a prefix, so the mask's True cells in row-major order are the joined bytes."""
+    lengths = torch.tensor([len(r) for r in byte_rows], dtype=torch.long)
+    mask = torch.arange(width) < lengths[:, None]
     idx = torch.zeros(len(byte_rows), width, dtype=torch.long)
-    mask = torch.zeros(len(byte_rows), width, dtype=torch.bool)
-    for r, raw in enumerate(byte_rows):
-        if raw:
-            idx[r, :len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
-            mask[r, :len(raw)] = True
+    joined = b"".join(byte_rows)
+    if joined:
+        idx[mask] = torch.frombuffer(bytearray(joined), dtype=torch.uint8).long()
     return idx, mask
 
 
@@ -85,18 +89,14 @@ def encode_segments(episodes: list[Episode], sessions: list[int], seq_len: int) 
                 row += [(s, eid, t) for eid, t in session_segments(ep.sessions[s], seq_len)]
         per_row.append(row)
     B, n = len(episodes), max((len(r) for r in per_row), default=0)
-    raw, valid = [], torch.zeros(B, n, dtype=torch.bool)
-    sess = torch.zeros(B, n, dtype=torch.long)
-    texts = [[""] * n for _ in range(B)]
-    ids = [[""] * n for _ in range(B)]
-    for b, row in enumerate(per_row):
-        for j in range(n):
-            if j < len(row):
-                s, eid, text = row[j]
-                raw.append(text.encode("utf-8"))
-                valid[b, j], sess[b, j], texts[b][j], ids[b][j] = True, s, text, eid
-            else:
-                raw.append(b"")
+    pad = [(0, "", "")]  # an empty slot: session 0, no id, no text
+    slots = [row + pad * (n - len(row)) for row in per_row]
+    raw = [text.encode("utf-8") for row in slots for _, _, text in row]
+    valid = torch.tensor([[j < len(row) for j in range(n)] for row in per_row],
+                         dtype=torch.bool).view(B, n)
+    sess = torch.tensor([[s for s, _, _ in row] for row in slots], dtype=torch.long).view(B, n)
+    texts = [[text for _, _, text in row] for row in slots]
+    ids = [[eid for _, eid, _ in row] for row in slots]
     width = max((len(r) for r in raw), default=1) or 1
     idx, mask = _rows(raw, width)
     return Segments(idx, mask, valid, sess, texts, ids)
@@ -154,12 +154,12 @@ def encode_probes(episodes: list[Episode], sessions: list[int] | None, seq_len: 
     width = max((len(s) - 1 for s, _ in seqs), default=1) or 1
     full, _ = _rows([s for s, _ in seqs], width + 1)
     idx, targets = full[:, :-1].clone(), full[:, 1:].clone()
-    answer = torch.zeros(len(refs), width, dtype=torch.bool)
-    first = torch.zeros(len(refs), dtype=torch.long)
-    for p, (seq, start) in enumerate(seqs):
-        targets[p, len(seq) - 1:] = IGNORE
-        answer[p, start - 1:len(seq) - 1] = True
-        first[p] = start - 1
+    # targets past each row's last byte are padding; the answer is targets[start-1, len-1)
+    ends = torch.tensor([len(seq) - 1 for seq, _ in seqs], dtype=torch.long).view(-1, 1)
+    first = torch.tensor([start - 1 for _, start in seqs], dtype=torch.long)
+    pos = torch.arange(width)
+    targets = targets.masked_fill(pos >= ends, IGNORE)
+    answer = (pos >= first.view(-1, 1)) & (pos < ends)
     return Probes(idx, targets, answer, first, [r.row for r in refs],
                   torch.tensor([r.session for r in refs], dtype=torch.long), refs)
 

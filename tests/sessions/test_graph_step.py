@@ -205,33 +205,42 @@ def test_graph_run_resumes_from_a_checkpoint(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_graph_training_equals_compiled_eager(tmp_path):
-    """Losses within 1e-3 nats; per parameter, replaying the compiled step moves the weights
-    from compiled eager training by no more than compiling moved them from plain eager
-    training (2x, or 1e-3): Inductor's kernels reorder bf16 reductions, and Adam turns a
-    router weight's tiny gradient differences into lr-sized steps (measured 3e-3 there).
-    The same for the expert-load CV per step (a 5.0% difference measured once)."""
+    """Losses within 1e-3 nats; per parameter and for the expert-load CV per step, replaying
+    the compiled step moves the run from compiled eager training by no more than (2x) the
+    larger of what compiling moves it from plain eager training and what running compiled
+    eager training again moves it (or 1e-3 / 5%). Inductor's kernels reorder bf16
+    reductions, atomics make reruns differ, Adam turns a router weight's tiny gradient
+    differences into lr-sized steps (3e-3 measured), and the sign-based bias update turns a
+    few flipped tokens into a different routing (CV 7% apart at step 5 once, H200)."""
     torch._dynamo.reset()
     on = ["train.compile=true"]
-    plain = _trainer(_run(tmp_path, "plain", steps=5), tmp_path)
-    plain.fit()
-    eager = _trainer(_run(tmp_path, "c_eager", steps=5, extra=on), tmp_path)
-    eager.fit()
-    graph = _trainer(_run(tmp_path, "c_graph", steps=5, extra=[*on, "train.cuda_graph=true"]),
-                     tmp_path)
-    graph.fit()
-    assert graph.graph.replays == 5 - GraphStep.WARMUP
-    # the load statistic: capture moves it by no more than compiling does (2x, or 5%)
-    by_compile_cv = max(abs(c["expert_cv"] - p["expert_cv"]) / p["expert_cv"]
-                        for c, p in zip(_losses(tmp_path / "c_eager").values(),
-                                        _losses(tmp_path / "plain").values(), strict=True))
-    print(f"expert_cv: compile moves it by up to {by_compile_cv:.1%}")
-    _assert_runs_match(graph, eager, (tmp_path / "c_graph", tmp_path / "c_eager"),
-                       param_rtol=None, cv_rtol=max(0.05, 2 * by_compile_cv))
-    by_capture, by_compile = _param_differences(graph, eager), _param_differences(eager, plain)
+    runs = {}
+    for name, extra in (("plain", []), ("c_eager", on), ("c_again", on),
+                        ("c_graph", [*on, "train.cuda_graph=true"])):
+        runs[name] = _trainer(_run(tmp_path, name, steps=5, extra=extra), tmp_path)
+        runs[name].fit()
+    assert runs["c_graph"].graph.replays == 5 - GraphStep.WARMUP
+
+    def cv_moved(a, b):  # the largest relative change of the expert-load CV over the steps
+        return max(abs(x["expert_cv"] - y["expert_cv"]) / y["expert_cv"]
+                   for x, y in zip(_losses(tmp_path / a).values(), _losses(tmp_path / b).values(),
+                                   strict=True))
+
+    by_compile_cv, by_rerun_cv = cv_moved("c_eager", "plain"), cv_moved("c_again", "c_eager")
+    print(f"expert_cv moved by compiling {by_compile_cv:.1%}, by a rerun {by_rerun_cv:.1%}, "
+          f"by capturing {cv_moved('c_graph', 'c_eager'):.1%}")
+    _assert_runs_match(runs["c_graph"], runs["c_eager"], (tmp_path / "c_graph",
+                       tmp_path / "c_eager"), param_rtol=None,
+                       cv_rtol=max(0.05, 2 * by_compile_cv, 2 * by_rerun_cv))
+    by_capture = _param_differences(runs["c_graph"], runs["c_eager"])
+    by_compile = _param_differences(runs["c_eager"], runs["plain"])
+    by_rerun = _param_differences(runs["c_again"], runs["c_eager"])
     for name, r in by_capture.items():
-        print(f"{name}: capture {r:.2e}, compile {by_compile[name]:.2e}")
+        print(f"{name}: capture {r:.2e}, compile {by_compile[name]:.2e}, "
+              f"rerun {by_rerun[name]:.2e}")
     for name, r in by_capture.items():
-        assert r <= max(1e-3, 2 * by_compile[name]), (name, r, by_compile[name])
+        bound = max(1e-3, 2 * by_compile[name], 2 * by_rerun[name])
+        assert r <= bound, (name, r, by_compile[name], by_rerun[name])
 
 
 
