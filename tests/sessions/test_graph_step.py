@@ -121,13 +121,18 @@ def _losses(folder):
     return {r["step"]: r for r in read_jsonl(folder / "metrics.jsonl") if "loss" in r}
 
 
-def _assert_runs_match(a, b, dirs, loss_tol=1e-3, param_rtol=1e-3, cv_rtol=0.05):
+def _assert_runs_match(a, b, dirs, loss_tol=1e-3, param_rtol=1e-3, cv_rtol=0.05,
+                       cv_steps=None):
+    """Losses at every step; the expert-load CV at every step (or the first ``cv_steps``);
+    parameters at the end (``param_rtol`` None: the caller checks them)."""
     ra, rb = _losses(dirs[0]), _losses(dirs[1])
     assert ra.keys() == rb.keys() and ra
     diffs = {s: abs(ra[s]["loss"] - rb[s]["loss"]) for s in ra}
     print(f"max |dloss| {max(diffs.values()):.2e}")
     assert max(diffs.values()) <= loss_tol, diffs
     for s in ra:
+        if cv_steps is not None and s > cv_steps:
+            break
         assert ra[s]["expert_cv"] == pytest.approx(rb[s]["expert_cv"], rel=cv_rtol, abs=1e-3), s
     if param_rtol is None:
         return
@@ -205,13 +210,19 @@ def test_graph_run_resumes_from_a_checkpoint(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_graph_training_equals_compiled_eager(tmp_path):
-    """Losses within 1e-3 nats; per parameter and for the expert-load CV per step, replaying
-    the compiled step moves the run from compiled eager training by no more than (2x) the
-    larger of what compiling moves it from plain eager training and what running compiled
-    eager training again moves it (or 1e-3 / 5%). Inductor's kernels reorder bf16
-    reductions, atomics make reruns differ, Adam turns a router weight's tiny gradient
-    differences into lr-sized steps (3e-3 measured), and the sign-based bias update turns a
-    few flipped tokens into a different routing (CV 7% apart at step 5 once, H200)."""
+    """Losses within 1e-3 nats at every step; per parameter, replaying the compiled step
+    moves the run from compiled eager training by no more than (2x) the larger of what
+    compiling moves it from plain eager training and what running compiled eager training
+    again moves it (or 1e-3); the expert-load CV within 5% (or 2x those moves) through the
+    first replay.
+
+    Compiled training is not bitwise reproducible (H200: a rerun differs by 3e-9 after one
+    step, 1e-4 after five; plain eager, its graph replays and its side-stream warm-up are
+    bitwise equal), and the sign-based bias update turns a few flipped tokens into a
+    different routing: after the first replay the CV of a rerun, of GraphStep's eager path
+    without capture and of the graph all wander by several % (7% at step 5 once), so later
+    steps' CV says nothing about capture; the first replay's says the captured step reports
+    its own statistics."""
     torch._dynamo.reset()
     on = ["train.compile=true"]
     runs = {}
@@ -231,7 +242,8 @@ def test_compiled_graph_training_equals_compiled_eager(tmp_path):
           f"by capturing {cv_moved('c_graph', 'c_eager'):.1%}")
     _assert_runs_match(runs["c_graph"], runs["c_eager"], (tmp_path / "c_graph",
                        tmp_path / "c_eager"), param_rtol=None,
-                       cv_rtol=max(0.05, 2 * by_compile_cv, 2 * by_rerun_cv))
+                       cv_rtol=max(0.05, 2 * by_compile_cv, 2 * by_rerun_cv),
+                       cv_steps=GraphStep.WARMUP + 1)
     by_capture = _param_differences(runs["c_graph"], runs["c_eager"])
     by_compile = _param_differences(runs["c_eager"], runs["plain"])
     by_rerun = _param_differences(runs["c_again"], runs["c_eager"])
