@@ -10,9 +10,10 @@ the Triton routing kernels against the torch reference routing, nothing else). T
 final losses within 1 %. The two paths differ only by float summation order and bf16
 rounding, so the curves should agree far better than that; a selection flip shows as a jump.
 
-A third run repeats the torch reference (``--control``, on by default): how far the reference
-moves from itself run to run (GPU atomics, nondeterministic reductions) is the noise floor the
-Triton-vs-torch difference is read against. It is reported, not part of the pass test.
+A third run repeats the torch reference (on by default; ``--no-control`` skips it): how far
+the reference moves from itself run to run (GPU atomics, nondeterministic reductions) is the
+noise floor the Triton-vs-torch difference is read against. It is reported, not part of the
+pass test.
 
     PYTHONUNBUFFERED=1 python benchmarks/train_kernels_parity.py [--preset small] \
         [--steps 200] [--json out.json] [train.cuda_graph=true ...]

@@ -28,6 +28,8 @@ IGNORE = -100
 
 def split_segment(text: str, max_bytes: int) -> list[str]:
     """``text`` in pieces of at most ``max_bytes`` UTF-8 bytes, cut between characters."""
+    if text and len(text.encode("utf-8")) <= max_bytes:  # most segments fit whole
+        return [text]
     pieces, cur, size = [], [], 0
     for ch in text:
         n = len(ch.encode("utf-8"))
@@ -127,6 +129,9 @@ class Probes:
 def probe_bytes(probe: Probe, seq_len: int, where: str = "probe") -> tuple[bytes, int]:
     """(prompt + answer bytes fitted to the window, index where the answer starts)."""
     prompt, answer = probe.prompt.encode("utf-8"), probe.answer.encode("utf-8")
+    if not prompt:  # the first answer byte is predicted from the last prompt byte
+        raise ValueError(f"{where}: the prompt is empty; a probe needs at least one prompt "
+                         "byte before its answer")
     if len(answer) + 1 > seq_len:
         raise ValueError(f"{where}: answer of {len(answer)} bytes does not fit the model's "
                          f"window (ModelConfig.seq_len={seq_len}) after a prompt byte")

@@ -40,6 +40,8 @@ def test_segments_match_a_cell_by_cell_reference(case):
     seg = encode_segments(eps, sessions, seq_len)
     B, n = seg.valid_Bn.shape
     assert B == len(eps) and seg.idx_NS.shape[0] == B * n
+    assert (seg.idx_NS.dtype, seg.mask_NS.dtype) == (torch.long, torch.bool)
+    assert (seg.valid_Bn.dtype, seg.session_Bn.dtype) == (torch.bool, torch.long)
     for b, ep in enumerate(eps):
         pieces = [(s, eid, t) for s in sessions if s < len(ep.sessions)
                   for eid, t in session_segments(ep.sessions[s], seq_len)]
@@ -48,6 +50,7 @@ def test_segments_match_a_cell_by_cell_reference(case):
             if j >= len(pieces):
                 assert not seg.valid_Bn[b, j] and not seg.mask_NS[row].any()
                 assert not seg.idx_NS[row].any() and seg.texts[b][j] == ""
+                assert int(seg.session_Bn[b, j]) == 0 and seg.external_ids[b][j] == ""
                 continue
             s, eid, text = pieces[j]
             raw = text.encode("utf-8")
@@ -60,14 +63,22 @@ def test_segments_match_a_cell_by_cell_reference(case):
             assert not seg.idx_NS[row, len(raw):].any()
 
 
-@settings(max_examples=60, deadline=None)
-@given(batches())
-def test_probes_match_a_cell_by_cell_reference(case):
+@settings(max_examples=80, deadline=None)
+@given(batches(), st.sampled_from(["all", "last", "first and last", "odd rows"]))
+def test_probes_match_a_cell_by_cell_reference(case, which):
+    """All probes, those of some sessions (``sessions``), or a ``select``ed few."""
     eps, seq_len = case
-    probes = encode_probes(eps, None, seq_len)
+    n_sessions = max(len(e.sessions) for e in eps)
+    sessions = {"all": None, "last": [n_sessions - 1], "first and last": [0, n_sessions - 1],
+                "odd rows": None}[which]
+    select = (lambda r: r.row % 2 == 1) if which == "odd rows" else None  # noqa: E731
+    probes = encode_probes(eps, sessions, seq_len, select)
     refs = [(b, s, p) for b, ep in enumerate(eps) for s, sess in enumerate(ep.sessions)
-            for p in sess.probes]
+            for p in sess.probes if (sessions is None or s in sessions)
+            and (select is None or b % 2 == 1)]
     assert len(probes) == len(refs)
+    assert (probes.idx_PS.dtype, probes.targets_PS.dtype, probes.answer_PS.dtype,
+            probes.first_answer_P.dtype) == (torch.long, torch.long, torch.bool, torch.long)
     if not refs:
         return
     width = probes.idx_PS.shape[1]
@@ -88,6 +99,12 @@ def test_probes_match_a_cell_by_cell_reference(case):
 def test_an_answer_too_long_for_the_window_is_named():
     ep = Episode("ns", (Session("s0", (), (Probe("q", "x" * 20),)),))
     with pytest.raises(ValueError, match=r"ns/s0/probes\[0\].*seq_len=8"):
+        encode_probes([ep], None, 8)
+
+
+def test_an_empty_prompt_is_named():
+    ep = Episode("ns", (Session("s0", (), (Probe("", "ab"),)),))
+    with pytest.raises(ValueError, match=r"ns/s0/probes\[0\].*prompt is empty"):
         encode_probes([ep], None, 8)
 
 
