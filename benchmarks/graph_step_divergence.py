@@ -4,7 +4,7 @@ graph replays; plain vs compiled eager; compiled eager vs a rerun, vs GraphStep'
 and vs compiled graph replays. Per step: both losses, the expert-count difference per layer,
 and the largest relative difference of the parameters (and float buffers), of the AdamW
 moments and of the experts' bf16 copies. The model and config are those of
-``tests/sessions/test_graph_step.py`` (the debug preset, bias balancing on).
+``tests/sessions/test_graph_step.py``: ``configs/graph_check.yaml``.
 
 What it found on the H200 (docs/benchmarks.md, run 10): plain eager, its side-stream warm-up
 and its graph replays are bitwise equal; compiled training is not bitwise reproducible (a
@@ -32,17 +32,12 @@ from sessions.objectives import LMObjective  # noqa: E402
 from sessions.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["train.log_every=1", "train.eval_every=1000", "train.checkpoint_every=1000",
-         "train.warmup_steps=3", "train.batch_size=4", "model.d_model=128", "model.n_heads=4",
-         "model.seq_len=128", "model.ffn.hidden=64", "model.ffn.n_domains=4",
-         "model.ffn.n_components=4", "model.ffn.k1=2", "model.ffn.k2=2",
-         "model.ffn.segment_len=32", "model.ffn.bias_balancing=true",
-         "model.ffn.bias_update_rate=0.01"]
+CONFIG = ROOT / "configs" / "graph_check.yaml"
 
 
 def trainer(tmp: Path, name: str, steps: int, extra: list[str]) -> Trainer:
-    run = presets.load("debug", [f"train.steps={steps}", f"train.out_dir={tmp / name}",
-                                 *SMALL, *extra])
+    run = presets.load(str(CONFIG), [f"train.steps={steps}", f"train.out_dir={tmp / name}",
+                                     *extra])
     torch.manual_seed(run.train.seed)
     return Trainer(MHCModel(run.model), LMObjective(run, ROOT / "cache", quiet=True), run.train,
                    run.train.out_dir, presets.to_plain(run), progress=False)

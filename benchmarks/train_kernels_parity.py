@@ -64,19 +64,20 @@ def main(argv=None) -> int:
                                    args.overrides) for arm, backend in arms.items()}
     a, b = curves["triton"], curves["torch"]
     diffs = [abs(x - y) for x, y in zip(a, b, strict=True)]
-    control = [abs(x - y) for x, y in zip(curves.get("torch_again", b), b, strict=True)]
+    control = [abs(x - y) for x, y in zip(curves["torch_again"], b, strict=True)] \
+        if args.control else None
     final_rel = abs(a[-1] - b[-1]) / abs(b[-1])
     ok = max(diffs) <= MAX_ABS and final_rel <= FINAL_REL
     res = dict(preset=args.preset, overrides=args.overrides, steps=len(a),
                max_abs_diff=max(diffs),
                mean_abs_diff=sum(diffs) / len(diffs),
-               control_max_abs_diff=max(control) if args.control else None,
-               control_mean_abs_diff=sum(control) / len(control) if args.control else None,
+               control_max_abs_diff=max(control) if control else None,
+               control_mean_abs_diff=sum(control) / len(control) if control else None,
                final_triton=a[-1], final_torch=b[-1], final_rel_diff=final_rel,
                tolerance=dict(max_abs=MAX_ABS, final_rel=FINAL_REL), passed=ok, curves=curves)
     for i in range(0, len(a), max(1, len(a) // 10)):
         print(f"step {i + 1:4d}: triton {a[i]:.4f}  torch {b[i]:.4f}  |d| {diffs[i]:.2e}"
-              + (f"  torch again |d| {control[i]:.2e}" if args.control else ""))
+              + (f"  torch again |d| {control[i]:.2e}" if control else ""))
     print(json.dumps({k: v for k, v in res.items() if k != "curves"}))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))

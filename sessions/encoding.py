@@ -158,12 +158,11 @@ def encode_probes(episodes: list[Episode], sessions: list[int] | None, seq_len: 
             for r in refs]
     width = max((len(s) - 1 for s, _ in seqs), default=1) or 1
     full, _ = _rows([s for s, _ in seqs], width + 1)
-    idx, targets = full[:, :-1].clone(), full[:, 1:].clone()
     # targets past each row's last byte are padding; the answer is targets[start-1, len-1)
     ends = torch.tensor([len(seq) - 1 for seq, _ in seqs], dtype=torch.long).view(-1, 1)
     first = torch.tensor([start - 1 for _, start in seqs], dtype=torch.long)
     pos = torch.arange(width)
-    targets = targets.masked_fill(pos >= ends, IGNORE)
+    idx, targets = full[:, :-1].clone(), full[:, 1:].masked_fill(pos >= ends, IGNORE)
     answer = (pos >= first.view(-1, 1)) & (pos < ends)
     return Probes(idx, targets, answer, first, [r.row for r in refs],
                   torch.tensor([r.session for r in refs], dtype=torch.long), refs)

@@ -38,15 +38,13 @@ SMOKE = str(Path(__file__).resolve().parents[2] / "configs" / "experiments" / "s
 
 
 
+GRAPH_CHECK = str(Path(__file__).resolve().parents[2] / "configs" / "graph_check.yaml")
+
+
 def _run(tmp_path, name, steps=8, extra=()):
     """A small hierarchical model (bias balancing on: the bias update does real work)."""
-    return presets.load("debug", [
-        f"train.steps={steps}", f"train.out_dir={tmp_path / name}", "train.log_every=1",
-        "train.eval_every=1000", "train.checkpoint_every=1000", "train.warmup_steps=3",
-        "train.batch_size=4", "model.d_model=128", "model.n_heads=4", "model.seq_len=128",
-        "model.ffn.hidden=64", "model.ffn.n_domains=4", "model.ffn.n_components=4",
-        "model.ffn.k1=2", "model.ffn.k2=2", "model.ffn.segment_len=32",
-        "model.ffn.bias_balancing=true", "model.ffn.bias_update_rate=0.01", *extra])
+    return presets.load(GRAPH_CHECK, [f"train.steps={steps}",
+                                      f"train.out_dir={tmp_path / name}", *extra])
 
 
 def _trainer(run, cache_dir):
