@@ -29,7 +29,8 @@ def batches(draw):
                     tuple(Probe(draw(TEXT), draw(ANSWER)) for _ in range(draw(st.integers(0, 2)))))
             for s in range(draw(st.integers(1, 3))))
         eps.append(Episode(f"ns{b}", sessions))
-    return eps, draw(st.integers(12, 24))
+    # every answer fits after a prompt byte: 3 characters of at most 4 UTF-8 bytes, + 1
+    return eps, draw(st.integers(13, 24))
 
 
 @settings(max_examples=60, deadline=None)
