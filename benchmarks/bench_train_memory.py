@@ -4,7 +4,9 @@ episodes with the memory module absent vs present (``Trainer._step`` with the sa
 
 Training step: ``off`` is the plain mHC model scoring the episodes' probes; ``on`` also
 encodes every context segment into a trace (the backbone alone), writes them softly into a
-TensorMemory and reads them. Generation: the answers of the last session's probes decoded
+TensorMemory and reads them. On CUDA that write pass replays CUDA graphs
+(``objective.graph_write``, the default); a third arm, ``on-eager-write``, runs it eagerly
+(the same model and batches) to show what the graphs save. Generation: the answers of the last session's probes decoded
 byte by byte (no KV cache in either arm), ``on`` reading the episode's traces (written before
 the timer starts: the earlier sessions wrote them). Medians over interleaved repeats (off, on,
 off, on, ...) in one process. On CUDA each arm's GPU-busy ms per step is recorded too (kernel
@@ -108,9 +110,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     exp = load_experiment(args.config, args.overrides)
     objective = EpisodeObjective(exp, exp.train.seed, exp.objective.probes_per_episode)
+    arms = {"off": objective, "on": objective}
+    if exp.train.device != "cpu" and torch.cuda.is_available() and exp.objective.graph_write:
+        eager = load_experiment(args.config, [*args.overrides, "objective.graph_write=false"])
+        arms["on-eager-write"] = EpisodeObjective(eager, eager.train.seed,
+                                                  eager.objective.probes_per_episode)
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {arm: Trainer(build_model(exp, arm), objective, exp.train, Path(tmp) / arm,
-                                 {}, progress=False) for arm in ("off", "on")}
+        trainers = {arm: Trainer(build_model(exp, arm.split("-")[0]), obj, exp.train,
+                                 Path(tmp) / arm, {}, progress=False)
+                    for arm, obj in arms.items()}
         device = trainers["on"].device
         times = {f"{kind}_{arm}": [] for kind in ("step", "gen") for arm in trainers}
         tokens = {}
@@ -118,20 +126,22 @@ def main(argv=None) -> int:
             for arm, tr in trainers.items():  # interleaved: off, on, off, on ...
                 out = {}
                 step_s = timed(lambda tr=tr, o=out, i=i: o.update(s=tr._step(i)[0]), device)
-                n_bytes, gen_s = decode(tr, objective, i * 4, 4)
                 tokens[arm] = out["s"].tokens
                 if i >= 2:  # two warm-up rounds
                     times[f"step_{arm}"].append(step_s)
-                    times[f"gen_{arm}"].append(n_bytes / gen_s)
+                if arm in ("off", "on"):
+                    n_bytes, gen_s = decode(tr, objective, i * 4, 4)
+                    if i >= 2:
+                        times[f"gen_{arm}"].append(n_bytes / gen_s)
         busy = {}
-        for arm, tr in trainers.items():  # both arms on the same batch (shapes vary)
+        for arm, tr in trainers.items():  # every arm on the same batch (shapes vary)
             step = lambda tr=tr: tr._step(args.repeats + 2)  # noqa: E731
             if device.type == "cuda":
                 busy[arm] = gpu_busy(step, steps=2)[0]
             if args.profile:
                 print(f"--- {arm}: host profile of one step ---")
                 print(host_profile(step, args.profile))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items() if v}
     row = {"config": Path(args.config).name, "overrides": args.overrides,
            "device": str(device), "batch": exp.train.batch_size, "repeats": args.repeats,
            "step_ms_off": med["step_off"] * 1e3, "step_ms_on": med["step_on"] * 1e3,
@@ -140,13 +150,25 @@ def main(argv=None) -> int:
            "tokens_per_step_off": tokens["off"], "tokens_per_step_on": tokens["on"],
            "gen_bytes_s_off": med["gen_off"], "gen_bytes_s_on": med["gen_on"],
            "gen_ratio": med["gen_on"] / med["gen_off"]}
+    if "step_on-eager-write" in med:
+        graphed = arms["on"]._write_passes[trainers["on"].model.backbone]
+        row.update(step_ms_on_eager_write=med["step_on-eager-write"] * 1e3,
+                   step_ratio_eager_write=med["step_on-eager-write"] / med["step_off"],
+                   gpu_busy_ms_on_eager_write=busy.get("on-eager-write"),
+                   write_pass_graphs=graphed.captures, write_pass_replays=graphed.replays,
+                   write_pass_eager=graphed.eager_calls)
     print(f"{'device':7} {'step off ms':>12} {'step on ms':>11} {'ratio':>6} "
           f"{'decode off B/s':>15} {'decode on B/s':>14} {'ratio':>6}")
     print(f"{row['device']:7} {row['step_ms_off']:12.1f} {row['step_ms_on']:11.1f} "
           f"{row['step_ratio']:6.2f} {row['gen_bytes_s_off']:15.1f} "
           f"{row['gen_bytes_s_on']:14.1f} {row['gen_ratio']:6.2f}")
+    if "step_ms_on_eager_write" in row:
+        print(f"on, write pass eager: {row['step_ms_on_eager_write']:.1f} ms "
+              f"({row['step_ratio_eager_write']:.2f}x off); the graphed write pass: "
+              f"{row['write_pass_graphs']} graph(s), {row['write_pass_replays']} replays, "
+              f"{row['write_pass_eager']} eager calls")
     if busy:
-        print(f"GPU-busy ms per step: off {busy['off']:.1f}, on {busy['on']:.1f}")
+        print("GPU-busy ms per step: " + ", ".join(f"{a} {v:.1f}" for a, v in busy.items()))
     print(f"env: {environment()}")
     if not args.no_save:
         append_result("bench_train_memory", row)

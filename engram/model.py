@@ -55,17 +55,21 @@ class EngramModel(nn.Module):
         return self.read_layers[0]
 
     def encode_traces(self, idx_NS: torch.Tensor, mask_NS: torch.Tensor | None = None,
-                      backbone_grad: bool = True) -> WrittenTraces:
+                      backbone_grad: bool = True, write_pass=None) -> WrittenTraces:
         """Run the backbone up to the memory layer and make one trace per segment
-        (``backbone_grad=False``: the backbone part runs without autograd).
+        (``backbone_grad=False``: the backbone part runs without autograd; ``write_pass``,
+        a callable ``idx_NS -> hidden_NSD`` computing that part the same way, e.g. replayed
+        from a CUDA graph, replaces it then).
 
         Pad segments on the right (``mask_NS`` a prefix of each row): the model is causal, so
         a segment's states — and its trace — do not depend on the padding after it, and
         ``engram traces reindex`` recomputes exactly what was written."""
-        with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
-            out = self.backbone(idx_NS, stop_after_layer=self.write_layer)
+        grad = backbone_grad and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad):
+            hidden = write_pass(idx_NS) if write_pass is not None and not grad else \
+                self.backbone(idx_NS, stop_after_layer=self.write_layer).hidden
         mask = torch.ones_like(idx_NS, dtype=torch.bool) if mask_NS is None else mask_NS
-        return self.writer(out.hidden, mask, idx_NS)
+        return self.writer(hidden, mask, idx_NS)
 
     def forward(
         self,

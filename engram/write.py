@@ -62,11 +62,23 @@ class TraceWriter(nn.Module):
         gate_in = pooled_ND.detach() if self.cfg.write_distill_coef else pooled_ND
         return WrittenTraces(key, hidden, mask, self.salience(gate_in).squeeze(-1), tokens)
 
-    def salience_loss(self, salience_N: torch.Tensor) -> torch.Tensor:
+    def salience_loss(self, salience: torch.Tensor, valid: torch.Tensor | None = None
+                      ) -> torch.Tensor:
         """Pull the mean write probability towards the budget; what the reads need pushes
-        individual segments up."""
-        mean = torch.sigmoid(salience_N).mean()
+        individual segments up. ``valid`` (same shape, bool): the segments that count (a
+        masked mean, not an index: no host sync)."""
+        mean = write_probability(salience, valid)
         return self.cfg.salience_coef * (mean - self.cfg.salience_target) ** 2
+
+
+def write_probability(salience: torch.Tensor, valid: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """Mean σ(salience) over the ``valid`` entries (all when None)."""
+    p = torch.sigmoid(salience)
+    if valid is None:
+        return p.mean()
+    w = valid.to(p.dtype)
+    return (p * w).sum() / w.sum().clamp_min(1)
 
 
 def write_distillation_loss(salience_BM: torch.Tensor, session_BM: torch.Tensor,

@@ -101,6 +101,9 @@ class ObjectiveConfig:
     answer_weight: float = 1.0
     retrieve_all: bool = True  # train reading every eligible trace (top-k only at evaluation)
     write_backprop: bool = False  # backprop through the backbone's write pass (~3x the cost)
+    # CUDA: replay that write pass (without write_backprop) from CUDA graphs captured per
+    # batch shape (sessions.graph_write); false runs it eagerly
+    graph_write: bool = True
     probes_per_episode: int = 0  # > 0: score this many probes per episode and step (0: all)
     # a probe tag (e.g. "distance"): sample the probes so that every value of the tag in a
     # batch is equally likely (rare values, e.g. facts 4 sessions back, are trained as often)

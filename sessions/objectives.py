@@ -20,6 +20,7 @@ batch (rows of a text batch; whole episodes, with the probes chosen over the glo
 from __future__ import annotations
 
 import random
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from engram.backends import TensorMemory, TraceBatch
-from engram.write import write_distillation_loss
+from engram.write import write_distillation_loss, write_probability
 from mhc.moe import FFNAux
 from sessions.data import Sampler, build_streams, eval_batches
 from sessions.encoding import IGNORE, encode_probes, encode_segments, segment_targets
 from sessions.episodes import Episode, with_references
+from sessions.graph_write import GraphedWritePass
 
 
 @dataclass
@@ -133,6 +135,7 @@ class EpisodeObjective:
         self.task, self.eval_task = exp.make_task("train"), exp.make_task("eval")
         self.batch_size, self.seq_len = exp.train.batch_size, exp.model.seq_len
         self.probes_per_episode = probes_per_episode
+        self._write_passes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def episodes(self, split: str, start: int, n: int) -> list[Episode]:
         seed = self.seed if split == "train" else self.exp.eval.seed
@@ -169,11 +172,25 @@ class EpisodeObjective:
                             probes.answer_PS, torch.tensor(probes.row_P, dtype=torch.long),
                             probes.session_P, ctx, ctx // max(n, 1))
 
+    def graphed_write_pass(self, model, idx: torch.Tensor) -> GraphedWritePass | None:
+        """The CUDA-graph write pass for ``model`` (``objective.graph_write``): on CUDA, in
+        one process, when no gradient flows through the backbone's write pass."""
+        if not (self.exp.objective.graph_write and idx.is_cuda and self.shard is None
+                and not self.exp.objective.write_backprop):
+            return None
+        backbone = backbone_of(model)
+        graphed = self._write_passes.get(backbone)
+        if graphed is None:
+            graphed = self._write_passes[backbone] = GraphedWritePass(backbone,
+                                                                      model.write_layer)
+        return graphed
+
     def build_memory(self, model, batch: EpisodeBatch) -> TensorMemory:
         """Every segment of every session written softly (training) into a TensorMemory."""
         B, n = batch.seg_valid.shape
         tr = model.encode_traces(batch.seg_idx, batch.seg_mask,
-                                 backbone_grad=self.exp.objective.write_backprop)
+                                 backbone_grad=self.exp.objective.write_backprop,
+                                 write_pass=self.graphed_write_pass(model, batch.seg_idx))
         mem = TensorMemory(B, tr.hidden_NSD.shape[-1], model.cfg.key_dim,
                            tr.hidden_NSD.shape[1], batch.seg_idx.device, tr.hidden_NSD.dtype,
                            salience_prior=model.cfg.salience_in_read)
@@ -213,11 +230,11 @@ class EpisodeObjective:
             tokens += len(batch.ctx_episode) * batch.seg_idx.shape[1]
         out = res.out
         if mem is not None:
-            sal = mem.salience_BM[mem.valid_BM]
-            loss = loss + model.writer.salience_loss(sal)
+            loss = loss + model.writer.salience_loss(mem.salience_BM, mem.valid_BM)
             read = next(iter(res.reads.values()))
             extras.update(gate=read.gate, memory_mass=read.memory_mass,
-                          write_prob=torch.sigmoid(sal.detach().float()).mean())
+                          write_prob=write_probability(mem.salience_BM.detach().float(),
+                                                       mem.valid_BM))
             if model.cfg.write_distill_coef:
                 write = _write_distillation(mem, batch, res,
                                             ctx if batch.ctx_episode.numel() else None)
