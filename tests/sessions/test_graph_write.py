@@ -133,7 +133,7 @@ def test_training_replays_the_write_pass_with_eager_losses(tmp_path):
         torch.manual_seed(0)
         trainer = Trainer(build_model(exp, "on"), objective, exp.train, tmp_path / str(graph),
                           {}, progress=False)
-        losses[graph] = [float(trainer._step(s)[0].loss) for s in range(steps)]
+        losses[graph] = [float(trainer._step(s)[0].loss.detach()) for s in range(steps)]
         graphed = objective._write_passes.get(trainer.model.backbone)
         if not graph:
             assert graphed is None
