@@ -6,11 +6,13 @@ Training step: ``off`` is the plain mHC model scoring the episodes' probes; ``on
 encodes every context segment into a trace (the backbone alone), writes them softly into a
 TensorMemory and reads them. On CUDA that write pass replays CUDA graphs
 (``objective.graph_write``, the default); a third arm, ``on-eager-write``, runs it eagerly
-(the same model and batches) to show what the graphs save. Generation: the answers of the last session's probes decoded
-byte by byte (no KV cache in either arm), ``on`` reading the episode's traces (written before
-the timer starts: the earlier sessions wrote them). Medians over interleaved repeats (off, on,
-off, on, ...) in one process. On CUDA each arm's GPU-busy ms per step is recorded too (kernel
-and copy time from the profiler): a step whose wall time is far above it is host-bound.
+(the same model and batches) to show what the graphs save. Generation: the answers of the
+last session's probes decoded byte by byte (no KV cache in either arm), ``on`` reading the
+episode's traces (written before the timer starts: the earlier sessions wrote them; on CUDA
+that decoding memory is built by the same graphed pass, so its counts cover both shapes).
+Medians over interleaved repeats (off, on, off, on, ...) in one process. On CUDA each arm's
+GPU-busy ms per step is recorded too (kernel and copy time from the profiler): a step whose
+wall time is far above it is host-bound.
 ``--profile N`` prints each arm's N ops of most host (self CPU) time, and its count of aten
 ops (profiler events, nested ones included: a before/after measure, not a dispatch count).
 
@@ -166,7 +168,7 @@ def main(argv=None) -> int:
         print(f"on, write pass eager: {row['step_ms_on_eager_write']:.1f} ms "
               f"({row['step_ratio_eager_write']:.2f}x off); the graphed write pass: "
               f"{row['write_pass_graphs']} graph(s), {row['write_pass_replays']} replays, "
-              f"{row['write_pass_eager']} eager calls")
+              f"{row['write_pass_eager']} eager calls (training and decoding)")
     if busy:
         print("GPU-busy ms per step: " + ", ".join(f"{a} {v:.1f}" for a, v in busy.items()))
     print(f"env: {environment()}")

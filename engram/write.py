@@ -73,11 +73,12 @@ class TraceWriter(nn.Module):
 
 def write_probability(salience: torch.Tensor, valid: torch.Tensor | None = None
                       ) -> torch.Tensor:
-    """Mean σ(salience) over the ``valid`` entries (all when None)."""
-    p = torch.sigmoid(salience)
+    """Mean σ(salience) over the ``valid`` entries (all when None), in fp32; 0 when none is
+    valid (a memory with nothing written)."""
+    p = torch.sigmoid(salience.float())
     if valid is None:
         return p.mean()
-    w = valid.to(p.dtype)
+    w = valid.float()
     return (p * w).sum() / w.sum().clamp_min(1)
 
 

@@ -9,11 +9,16 @@ keep a few shapes, so each shape's pass is captured once and replayed.
 * Shapes are bucketed: segments padded to a multiple of ``ROW_BUCKET`` rows and of
   ``TOKEN_BUCKET`` tokens (at most ``seq_len``). Padding cannot change the real rows' states:
   rows never interact (attention within a row; routing and experts per token, no capacity),
-  and attention is causal, so tokens after a segment's end do not reach it. Only the rounding
-  of a matmul may differ with its shape (bf16 noise, not a different result).
-* A shape is captured the second time it is seen (a one-off shape runs eagerly), at most
-  ``max_graphs`` shapes (later new shapes run eagerly); the graphs share one memory pool (they
-  never run at once) and every replay's output is cloned, so nothing returned aliases it.
+  and attention is causal, so tokens after a segment's end do not reach it. Only a matmul's
+  rounding may differ with its shape (measured bitwise equal on the H200 at the test's
+  shapes; a rounding difference could flip a token's near-tied routing choice).
+* Only under bf16 autocast (how the trainer runs on CUDA: the sync-free fast path of every
+  op); other calls run eagerly. A shape is captured the second time it is seen (a one-off
+  shape runs eagerly), at most ``max_graphs`` shapes (later new shapes run eagerly); a shape
+  whose capture fails runs eagerly from then on (a warning says why). The graphs share one
+  memory pool (they never run at once; the pool stays reserved for the run: validation's
+  and decoding's shapes get graphs too) and every replay's output is cloned, so nothing
+  returned aliases it.
 * Capture and its eager warm-up run on a side stream under autocast with its cast cache off:
   a cast cached during capture would be a tensor of the graph's pool that eager code reads.
 * The weights are read where they live: the optimizer updates them in place. A parameter or
@@ -23,6 +28,7 @@ keep a few shapes, so each shape's pass is captured once and replayed.
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 from collections import Counter
 from dataclasses import dataclass
@@ -47,6 +53,7 @@ class GraphedWritePass:
         self.layer, self.max_graphs = layer, max_graphs
         self.graphs: dict[tuple, _Graph] = {}
         self.seen: Counter = Counter()
+        self.failed: set[tuple] = set()  # shapes whose capture failed: eager
         self.pool = None
         self.side: torch.cuda.Stream | None = None
         self._weights = self._weight_stamp(backbone)
@@ -58,7 +65,7 @@ class GraphedWritePass:
 
     def bucket(self, N: int, S: int, seq_len: int) -> tuple[int, int]:
         rows = -(-N // self.ROW_BUCKET) * self.ROW_BUCKET
-        tokens = min(-(-S // self.TOKEN_BUCKET) * self.TOKEN_BUCKET, max(S, seq_len))
+        tokens = min(-(-S // self.TOKEN_BUCKET) * self.TOKEN_BUCKET, seq_len)
         return rows, tokens
 
     def __call__(self, idx_NS: torch.Tensor) -> torch.Tensor:
@@ -74,30 +81,39 @@ class GraphedWritePass:
             self.graphs.clear()
             self._weights = self._weight_stamp(backbone)
         N, S = idx_NS.shape
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        key = (*self.bucket(N, S, backbone.cfg.seq_len), dtype)
+        bf16 = torch.is_autocast_enabled("cuda") and \
+            torch.get_autocast_dtype("cuda") == torch.bfloat16
+        key = self.bucket(N, S, backbone.cfg.seq_len) if S <= backbone.cfg.seq_len else None
         g = self.graphs.get(key)
         if g is None:
             self.seen[key] += 1
-            if self.seen[key] < 2 or len(self.graphs) >= self.max_graphs:
+            if (not bf16 or key is None or key in self.failed or self.seen[key] < 2
+                    or len(self.graphs) >= self.max_graphs):
                 self.eager_calls += 1
                 return backbone(idx_NS, stop_after_layer=self.layer).hidden
-            g = self.graphs[key] = self._capture(backbone, key, idx_NS.device)
+            try:
+                g = self.graphs[key] = self._capture(backbone, key, idx_NS.device)
+            except Exception as err:  # noqa: BLE001 - any failure: this shape runs eagerly
+                self.failed.add(key)
+                warnings.warn(f"GraphedWritePass: capturing the write pass at {key} failed "
+                              f"({type(err).__name__}: {err}); it runs eagerly",
+                              RuntimeWarning, stacklevel=2)
+                self.eager_calls += 1
+                return backbone(idx_NS, stop_after_layer=self.layer).hidden
         g.idx_NS[:N, :S].copy_(idx_NS)  # what lies beyond (a longer earlier batch) is inert
         g.graph.replay()
         self.replays += 1
         return g.hidden_NSD[:N, :S].clone()
 
     def _capture(self, backbone, key: tuple, device: torch.device) -> _Graph:
-        rows, tokens, dtype = key
+        rows, tokens = key
         if self.side is None:
             self.side = torch.cuda.Stream(device)
             self.pool = torch.cuda.graph_pool_handle()
         idx = torch.zeros(rows, tokens, dtype=torch.long, device=device)
 
         def forward():
-            with torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=dtype is not None,
-                                cache_enabled=False):
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
                 return backbone(idx, stop_after_layer=self.layer).hidden
 
         # warm-up at the bucket shape (lazy initialisation, Triton JIT), then the capture

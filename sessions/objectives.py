@@ -180,7 +180,7 @@ class EpisodeObjective:
             return None
         backbone = backbone_of(model)
         graphed = self._write_passes.get(backbone)
-        if graphed is None:
+        if graphed is None or graphed.layer != model.write_layer:
             graphed = self._write_passes[backbone] = GraphedWritePass(backbone,
                                                                       model.write_layer)
         return graphed

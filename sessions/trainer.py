@@ -275,7 +275,7 @@ def _keep_rows_up_to(path: Path, step: int) -> None:
 
 
 def plan_steps(model: torch.nn.Module, objective, train: TrainConfig, n: int = 3) -> TrainConfig:
-    """With ``max_minutes`` > 0: time ``n`` steps (after one warm-up) on a copy of the model
+    """With ``max_minutes`` > 0: time ``n`` steps (after two warm-up steps) on a copy of the model
     and set ``steps`` to what fits the budget; the copy is thrown away, so training itself
     depends only on the resulting step count (under torchrun: the ranks time their steps
     together and all take rank 0's count)."""
@@ -283,7 +283,9 @@ def plan_steps(model: torch.nn.Module, objective, train: TrainConfig, n: int = 3
         return train
     probe = Trainer(copy.deepcopy(model), objective, replace(train, compile=False),
                     Path("."), {}, progress=False)
-    warm = 1 + (probe.graph.WARMUP if probe.graph is not None else 0)  # to the replays
+    # to the replays: the step graph's warm-up, and the episode write pass's capture (its
+    # batch shape's second sighting)
+    warm = 2 + (probe.graph.WARMUP if probe.graph is not None else 0)
     for i in range(warm):
         probe._step(i)
     if probe.device.type == "cuda":
