@@ -83,12 +83,14 @@ class GraphedWritePass:
         N, S = idx_NS.shape
         bf16 = torch.is_autocast_enabled("cuda") and \
             torch.get_autocast_dtype("cuda") == torch.bfloat16
-        key = self.bucket(N, S, backbone.cfg.seq_len) if S <= backbone.cfg.seq_len else None
+        if not bf16 or S > backbone.cfg.seq_len:  # the graphs replay bf16 passes only
+            self.eager_calls += 1
+            return backbone(idx_NS, stop_after_layer=self.layer).hidden
+        key = self.bucket(N, S, backbone.cfg.seq_len)
         g = self.graphs.get(key)
         if g is None:
             self.seen[key] += 1
-            if (not bf16 or key is None or key in self.failed or self.seen[key] < 2
-                    or len(self.graphs) >= self.max_graphs):
+            if key in self.failed or self.seen[key] < 2 or len(self.graphs) >= self.max_graphs:
                 self.eager_calls += 1
                 return backbone(idx_NS, stop_after_layer=self.layer).hidden
             try:
