@@ -26,11 +26,10 @@ plus the window's statistics, summed in place into static device tensors.
 
 from __future__ import annotations
 
-import gc
-
 import torch
 
 from mhc import compute_copies
+from sessions.graph_write import capture
 from sessions.trainer import _Window, lr_at
 
 STATIC_OBJECTIVES = ("lm",)  # objectives (by name) whose batches have fixed shapes
@@ -99,20 +98,7 @@ class GraphStep:
             raise RuntimeError("GraphStep: at least one eager warm-up step is needed")
         self.trainer.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        # No garbage collection during the capture: a dead trainer (it and its GraphStep
-        # refer to each other, so only the collector frees them) whose graph the collector
-        # destroyed mid-capture invalidated it (seen: the 16th model of `engram bench
-        # architectures --preset gpu` failed with CUBLAS_STATUS_EXECUTION_FAILED). Dead
-        # objects are collected first instead.
-        gc.collect()
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            with torch.cuda.graph(graph, stream=self.side):
-                self.captured = self._body()
-        finally:
-            if enabled:
-                gc.enable()
+        self.captured = capture(graph, self._body, self.side)  # the collector paused
         self.graph = graph
 
     def _load(self, host, step: int) -> None:

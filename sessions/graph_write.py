@@ -83,16 +83,18 @@ class GraphedWritePass:
         N, S = idx_NS.shape
         bf16 = torch.is_autocast_enabled("cuda") and \
             torch.get_autocast_dtype("cuda") == torch.bfloat16
-        if not bf16 or S > backbone.cfg.seq_len:  # the graphs replay bf16 passes only
+        def eager() -> torch.Tensor:
             self.eager_calls += 1
             return backbone(idx_NS, stop_after_layer=self.layer).hidden
+
+        if not bf16 or S > backbone.cfg.seq_len:  # the graphs replay bf16 passes only
+            return eager()
         key = self.bucket(N, S, backbone.cfg.seq_len)
         g = self.graphs.get(key)
         if g is None:
             self.seen[key] += 1
             if key in self.failed or self.seen[key] < 2 or len(self.graphs) >= self.max_graphs:
-                self.eager_calls += 1
-                return backbone(idx_NS, stop_after_layer=self.layer).hidden
+                return eager()
             try:
                 g = self.graphs[key] = self._capture(backbone, key, idx_NS.device)
             except Exception as err:  # noqa: BLE001 - any failure: this shape runs eagerly
@@ -100,8 +102,7 @@ class GraphedWritePass:
                 warnings.warn(f"GraphedWritePass: capturing the write pass at {key} failed "
                               f"({type(err).__name__}: {err}); it runs eagerly",
                               RuntimeWarning, stacklevel=2)
-                self.eager_calls += 1
-                return backbone(idx_NS, stop_after_layer=self.layer).hidden
+                return eager()
         g.idx_NS[:N, :S].copy_(idx_NS)  # what lies beyond (a longer earlier batch) is inert
         g.graph.replay()
         self.replays += 1
@@ -124,14 +125,23 @@ class GraphedWritePass:
             forward()
         torch.cuda.current_stream(device).wait_stream(self.side)
         graph = torch.cuda.CUDAGraph()
-        gc.collect()  # nothing dead may be freed mid-capture (sessions.graph_step)
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool, stream=self.side):
-                hidden = forward()
-        finally:
-            if enabled:
-                gc.enable()
+        hidden = capture(graph, forward, self.side, self.pool)
         self.captures += 1
         return _Graph(graph, idx, hidden)
+
+
+def capture(graph: torch.cuda.CUDAGraph, fn, stream: torch.cuda.Stream, pool=None):
+    """``fn()`` captured into ``graph`` on ``stream`` (returns its result), with the garbage
+    collector paused: a dead object holding a CUDA graph (a trainer and its ``GraphStep``
+    refer to each other, so only the collector frees them) destroyed mid-capture invalidates
+    the capture (seen: the 16th model of `engram bench architectures --preset gpu` failed
+    with CUBLAS_STATUS_EXECUTION_FAILED). Dead objects are collected first instead."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            return fn()
+    finally:
+        if enabled:
+            gc.enable()

@@ -233,8 +233,7 @@ class EpisodeObjective:
             loss = loss + model.writer.salience_loss(mem.salience_BM, mem.valid_BM)
             read = next(iter(res.reads.values()))
             extras.update(gate=read.gate, memory_mass=read.memory_mass,
-                          write_prob=write_probability(mem.salience_BM.detach().float(),
-                                                       mem.valid_BM))
+                          write_prob=write_probability(mem.salience_BM.detach(), mem.valid_BM))
             if model.cfg.write_distill_coef:
                 write = _write_distillation(mem, batch, res,
                                             ctx if batch.ctx_episode.numel() else None)
