@@ -35,7 +35,9 @@ def _run(impl, n, steps, lr, betas, eps, wd, scale, lr_tensor, seed=0):
     opt = torch.optim.AdamW([q], lr=lr, betas=betas, eps=eps, weight_decay=wd)
     for gr in grads:
         step += 1
-        bias1, bias2 = 1 - betas[0] ** step, 1 - betas[1] ** step  # as torch computes them
+        # in double, as torch's AdamW computes them here (1 - β**step in fp32 cancels near
+        # β = 1), then as the fp32 device tensors the kernel takes
+        bias1, bias2 = (torch.tensor(1 - b ** float(step), device=DEVICE) for b in betas)
         impl(p, gr.to(DEVICE), m, v, copy, bias1, bias2, lr_arg, *betas, eps, wd, scale_t)
         q.grad = gr.float() / (scale if scale is not None else 1.0)
         opt.step()

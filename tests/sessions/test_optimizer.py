@@ -23,7 +23,7 @@ import torch
 from mhc import compute_copies
 from mhc.config import FFNConfig, ModelConfig, TrainConfig
 from mhc.model import MHCModel
-from sessions.optimizer import AdamW, _expert_weights
+from sessions.optimizer import AdamW, _expert_weights, _one_minus_powers
 
 CLIP = 0.05  # small enough that clipping acts on every step
 
@@ -246,3 +246,14 @@ def test_the_step_leaves_no_stale_copy_behind():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(idx[:, :-1], idx[:, 1:])
     assert [c._version for c in copies] == versions
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.9, 0.95, 0.999, 0.9999, 0.99999])
+def test_bias_corrections_are_accurate_near_one(beta):
+    """``1 - beta ** step`` from fp32 step tensors within 1e-6 of the double-precision value
+    (the fp32 ``1 - pow`` form is 1.7e-4 off at beta 0.9999, step 1)."""
+    steps = [torch.tensor(float(s)) for s in (1, 2, 7, 100, 10_000)]
+    for got, s in zip(_one_minus_powers(beta, steps), (1, 2, 7, 100, 10_000), strict=True):
+        want = 1 - beta ** s
+        assert got.dtype == torch.float32
+        assert abs(float(got) - want) <= 1e-6 * want, (beta, s, float(got), want)
