@@ -42,13 +42,18 @@ memory; GPU-busy ms per step (profiler: kernel and copy time only) with a breakd
 family; host syncs in one warmed-up step (``set_sync_debug_mode("warn")``, with where the
 first came from); expert-matmul calls on the fast path and on the loop over the whole row
 (a replayed graph makes no Python calls: its calls are the warm-up's and the capture's);
-first-step seconds (compilation). Rows are printed and saved as they finish (``--json``), so a
-run cut short keeps what it measured. Ratios compare rows of one mode, and each model's best
-mode (``best``).
+first-step seconds (compilation); the expert-load CV of the last timed step (a fresh
+router sends tokens to the experts very unevenly, CV ≈ 2 at the small shape, and bias
+balancing evens that out over hundreds of steps; the grouped GEMMs are slower on uneven
+groups, so ``--settle-steps N`` trains N steps before timing). Rows are printed and saved
+as they finish (``--json``), so a run cut short keeps what it measured. Ratios compare rows
+of one mode, and each model's best mode (``best``).
 
     PYTHONUNBUFFERED=1 BENCH_GIT_SHA=$(git rev-parse --short HEAD) \\
         python benchmarks/bench_train_e2e.py --json e2e.json
     python benchmarks/bench_train_e2e.py --shapes small --models hierarchical,dense --modes graph
+    python benchmarks/bench_train_e2e.py --shapes small --settle-steps 600 \
+        --rows dense@compiled-graph,hierarchical@compiled-graph
 """
 
 from __future__ import annotations
@@ -275,8 +280,10 @@ def measure(name: str, shape: str, mode: str, args) -> dict:
             model = trainer.model
 
             def run():
-                last["loss"] = trainer._step(next(counter))[0].lm_loss
+                out = trainer._step(next(counter))[0]
+                last["loss"], last["layers"] = out.lm_loss, out.layers
         row = _time_row(run, args)
+        row.update(_balance(last.get("layers")))
     calls = {k: v - before.get(k, 0) for k, v in grouped.CALLS.items() if v - before.get(k, 0)}
     d = SHAPES[shape]["d_model"]
     flops = 6 * active + 12 * LAYERS * d * SEQ
@@ -298,12 +305,28 @@ def measure(name: str, shape: str, mode: str, args) -> dict:
                 loss=float(last["loss"]), **info)
 
 
+def _balance(layers) -> dict:
+    """Expert-load balance of the last timed step (the grouped GEMMs' speed depends on it)."""
+    from mhc.stats import layer_stats, summarize
+
+    stats = summarize(layer_stats(layers)) if layers else {}
+    return {"expert_cv": stats.get("expert_cv"),
+            "expert_max_violation": stats.get("expert_max_violation")}
+
+
 def _time_row(run, args) -> dict:
-    """First step, warm-up, timing windows, GPU-busy profile and sync count of ``run``."""
+    """First step, settling steps, warm-up, timing windows, GPU-busy profile and sync count
+    of ``run``."""
     t0 = time.perf_counter()
     run()
     torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
+    for i in range(args.settle_steps):
+        run()
+        if (i + 1) % max(1, args.settle_steps // 4) == 0:
+            torch.cuda.synchronize()
+            print(f"  settling: {i + 1}/{args.settle_steps} steps "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
     t0 = time.perf_counter()
     for _ in range(args.warmup):  # >= GraphStep.WARMUP + 1: the graph is captured by now
         run()
@@ -318,7 +341,8 @@ def _time_row(run, args) -> dict:
     n_syncs, sync_sites = host_syncs(run)
     return dict(step_s=step_s, gpu_busy_ms=busy_ms, gpu_busy_by_family_ms=families,
                 top_kernels_ms=top, peak_mem_gib=peak, host_syncs_per_step=n_syncs,
-                sync_sites=sync_sites, first_step_s=first_s, timed_steps=steps * args.windows)
+                sync_sites=sync_sites, first_step_s=first_s, settle_steps=args.settle_steps,
+                timed_steps=steps * args.windows)
 
 
 def _release() -> None:
@@ -360,7 +384,9 @@ def _print_row(r: dict) -> None:
     print(f"{r['shape']:6} {r['model']:20} {r['mode']:14} {r['tokens_per_s'] / 1e3:8.1f}k tok/s "
           f"{r['step_ms']:7.2f} ms  MFU {100 * r['mfu']:5.1f}%  busy {r['gpu_busy_ms']:7.2f} ms  "
           f"peak {r['peak_mem_gib']:5.1f} GiB  syncs {r['host_syncs_per_step']}  "
-          f"first {r['first_step_s']:.1f}s  calls {r['expert_mm_calls']}", flush=True)
+          f"first {r['first_step_s']:.1f}s  calls {r['expert_mm_calls']}"
+          + (f"  load cv {r['expert_cv']:.2f}" if r.get("expert_cv") is not None else ""),
+          flush=True)
 
 
 def main(argv=None) -> int:
@@ -377,6 +403,10 @@ def main(argv=None) -> int:
     ap.add_argument("--top-kernels", type=int, default=8,
                     help="kernels listed per row (ms and launches per step)")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--settle-steps", type=int, default=0,
+                    help="train this many steps before timing, so bias balancing evens out "
+                    "the expert loads of a fresh router (each row records the expert-load CV "
+                    "of its last timed step)")
     ap.add_argument("--rows", default="", help="MODEL@MODE,... in this order (instead of "
                     "--models x --modes), e.g. dense@graph,hierarchical@graph,hf_mixtral@eager")
     ap.add_argument("--budget-s", type=float, default=0, help="stop starting rows after this")

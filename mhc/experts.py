@@ -10,13 +10,17 @@ sharing:
   base     gate/up shared by component c across the G domains, down per expert
   lowrank  base gate/up + a per-expert rank-r delta (x·A_e·B_e) on each, down per expert
 
+The gate and up projections are one weight, ``[W_gate | W_up]`` (H = 2F columns), so each
+expert reads its rows once in one grouped matmul of width 2F; ``kernels.mlp.swiglu`` turns
+the (N, 2F) result into silu(gate) · up. The dense baseline uses the same layout and op.
+
 Every matmul goes through ``ops.grouped_mm`` (``torch._grouped_mm`` on CUDA bf16) in the
 dtype of the rows it receives: the FFN casts its input to the autocast dtype, and the fp32
 master weights are used through bf16 copies made once per optimizer step
 (``mhc.compute_copies``).
 
-Shape legend: N routed rows (expert-sorted), D model dim, F expert hidden, P = E slots, C
-components, r low rank.
+Shape legend: N routed rows (expert-sorted), D model dim, F expert hidden, H = 2F (gate
+columns, then up columns), P = E slots, C components, r low rank.
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kernels.mlp import swiglu
 from kernels.routing import ops
 from mhc.compute_copies import compute_weight
 from mhc.config import FFNConfig
@@ -44,8 +48,7 @@ class Experts(nn.Module):
         self.cfg = cfg
         E, C, D, Fh = cfg.n_experts, cfg.n_components, d_model, cfg.hidden
         n_in = E if cfg.sharing == "none" else C
-        self.w_gate_PDF = nn.Parameter(torch.randn(n_in, D, Fh) * init_std)
-        self.w_up_PDF = nn.Parameter(torch.randn(n_in, D, Fh) * init_std)
+        self.w_gate_up_PDH = nn.Parameter(torch.randn(n_in, D, 2 * Fh) * init_std)
         self.w_down_PFD = nn.Parameter(torch.randn(E, Fh, D) * out_std)
         if cfg.sharing == "lowrank":
             r = cfg.lowrank_rank
@@ -68,14 +71,15 @@ class Experts(nn.Module):
         else:
             counts_in = counts_P.view(cfg.n_components, cfg.n_domains).sum(1)
         dt = x_ND.dtype
-        gate = ops.grouped_mm(x_ND, self._w("w_gate_PDF", dt), counts_in)
-        up = ops.grouped_mm(x_ND, self._w("w_up_PDF", dt), counts_in)
+        h_NH = ops.grouped_mm(x_ND, self._w("w_gate_up_PDH", dt), counts_in)
         if cfg.sharing == "lowrank":
-            gate = gate + ops.grouped_mm(ops.grouped_mm(x_ND, self._w("a_gate_PDr", dt), counts_P),
-                                         self._w("b_gate_PrF", dt), counts_P)
-            up = up + ops.grouped_mm(ops.grouped_mm(x_ND, self._w("a_up_PDr", dt), counts_P),
-                                     self._w("b_up_PrF", dt), counts_P)
-        return ops.grouped_mm(F.silu(gate) * up, self._w("w_down_PFD", dt), counts_P)
+            def delta(a, b):
+                return ops.grouped_mm(ops.grouped_mm(x_ND, self._w(a, dt), counts_P),
+                                      self._w(b, dt), counts_P)
+
+            h_NH = h_NH + torch.cat([delta("a_gate_PDr", "b_gate_PrF"),
+                                     delta("a_up_PDr", "b_up_PrF")], 1)
+        return ops.grouped_mm(swiglu(h_NH), self._w("w_down_PFD", dt), counts_P)
 
 
 class DenseFFN(nn.Module):
@@ -83,10 +87,9 @@ class DenseFFN(nn.Module):
 
     def __init__(self, d_model: int, hidden: int, init_std: float = 0.02, out_std: float = 0.02):
         super().__init__()
-        self.w_gate = nn.Parameter(torch.randn(d_model, hidden) * init_std)
-        self.w_up = nn.Parameter(torch.randn(d_model, hidden) * init_std)
+        self.w_gate_up = nn.Parameter(torch.randn(d_model, 2 * hidden) * init_std)  # [gate | up]
         self.w_down = nn.Parameter(torch.randn(hidden, d_model) * out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = x.dtype
-        return (F.silu(x @ self.w_gate.to(dt)) * (x @ self.w_up.to(dt))) @ self.w_down.to(dt)
+        return swiglu(x @ self.w_gate_up.to(dt)) @ self.w_down.to(dt)

@@ -102,14 +102,53 @@ def weights_file(folder: Path) -> tuple[Path, int]:
     return weights, step
 
 
+# Before the FFNs fused their gate and up projections into one weight ([gate | up] along the
+# last dim), checkpoints held the two halves: (gate name, up name) -> fused name.
+_SPLIT_GATE_UP = {(".w_gate_PDF", ".w_up_PDF"): ".w_gate_up_PDH",
+                  (".w_gate", ".w_up"): ".w_gate_up"}
+
+
+def _fused_gate_up(folder: Path, weights: Path, model: torch.nn.Module, missing: list[str],
+                   unexpected: list[str]) -> bool:
+    """Load the split gate/up weights of an older checkpoint into the fused ones; True when
+    that accounts for every missing and unexpected name (the model is then fully loaded)."""
+    fused, used = {}, set()
+    with safe_open(str(weights), framework="pt") as f:
+        for (gate, up), new in _SPLIT_GATE_UP.items():
+            for name in missing:
+                if name.endswith(new):
+                    stem = name[: -len(new)]
+                    pair = (stem + gate, stem + up)
+                    if all(p in unexpected for p in pair):
+                        fused[name] = torch.cat([f.get_tensor(p) for p in pair], -1)
+                        used.update(pair)
+    if set(fused) != set(missing) or used != set(unexpected):
+        return False
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, t in fused.items():
+            if t.shape != state[name].shape:
+                raise CheckpointError(f"{folder}: {name} is {tuple(state[name].shape)} in the "
+                                      f"model, its split halves make {tuple(t.shape)}")
+            state[name].copy_(t)
+    return True
+
+
 def load(folder: Path, model: torch.nn.Module,
          optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Load weights (and optimizer state) in place; returns the step."""
+    """Load weights (and optimizer state) in place; returns the step. Weights saved before
+    the gate/up fusion load too; their optimizer state does not (another parameter list)."""
     weights, step = weights_file(folder)
     missing, unexpected = load_model(model, str(weights), strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{folder}: weights do not match the model "
-                              f"(missing {missing}, unexpected {unexpected})")
+        if not _fused_gate_up(folder, weights, model, missing, unexpected):
+            raise CheckpointError(f"{folder}: weights do not match the model "
+                                  f"(missing {missing}, unexpected {unexpected})")
+        if optimizer is not None:
+            raise CheckpointError(
+                f"{folder}: written before the FFNs fused their gate and up weights; its "
+                "weights load (evaluation, queries), but its optimizer state holds them as two "
+                "parameters and cannot resume this run")
     if optimizer is not None:
         optimizer.load_state_dict(load_optimizer_state(folder))
     return step

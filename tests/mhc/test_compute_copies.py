@@ -20,7 +20,7 @@ def _model():
     return MHCModel(ModelConfig(d_model=32, n_layers=2, n_heads=2, seq_len=16, ffn=ffn))
 
 
-def _copy(model, name="w_gate_PDF"):
+def _copy(model, name="w_gate_up_PDH"):
     return model.blocks[0].ffn.experts._compute_copies[name][1]
 
 
@@ -41,7 +41,7 @@ def test_one_copy_per_optimizer_step():
     opt.step()  # fused AdamW moves no version counter: the step hook must invalidate
     with torch.no_grad():
         _forward(model, idx)
-    master = model.blocks[0].ffn.experts.w_gate_PDF
+    master = model.blocks[0].ffn.experts.w_gate_up_PDH
     assert _copy(model) is not first
     assert torch.equal(_copy(model), master.detach().bfloat16())
 
@@ -67,16 +67,16 @@ def test_copies_follow_every_kind_of_update():
     def fresh():
         with torch.no_grad():
             _forward(model, idx)
-        return torch.equal(_copy(model), experts.w_gate_PDF.detach().bfloat16())
+        return torch.equal(_copy(model), experts.w_gate_up_PDH.detach().bfloat16())
 
     assert fresh()
     with torch.no_grad():
-        experts.w_gate_PDF.mul_(2)  # in place under no_grad: the version counter moves
+        experts.w_gate_up_PDH.mul_(2)  # in place under no_grad: the version counter moves
     assert fresh()
     state = {k: v.clone() * 0.5 for k, v in model.state_dict().items()}
     model.load_state_dict(state)
     assert fresh()
-    experts.w_gate_PDF.data.add_(1)  # .data escapes the version counter ...
+    experts.w_gate_up_PDH.data.add_(1)  # .data escapes the version counter ...
     compute_copies.invalidate()  # ... which is why invalidate() exists
     assert fresh()
 
@@ -93,4 +93,4 @@ def test_no_copies_under_compile_or_inference():
         out = compiled(idx[:, :-1], idx[:, 1:])
     out.loss.backward()
     assert model.blocks[0].ffn.experts._compute_copies == {}
-    assert model.blocks[0].ffn.experts.w_gate_PDF.grad.dtype == torch.float32
+    assert model.blocks[0].ffn.experts.w_gate_up_PDH.grad.dtype == torch.float32

@@ -1,9 +1,10 @@
-"""The experts (gate, up and down grouped matmuls) against the SwiGLU definition written out per
-slot (an independent path: one plain matmul chain per expert, component sharing and the
-low-rank delta applied from their definitions), forward and every gradient, for every
-sharing mode and counts with empty experts. CPU in float64 (exact up to rounding); on a GPU
-(marked ``gpu``) the bf16 fast path against the float64 reference, and the number of
-grouped matmuls one layer makes (3 per direction, 7 with low-rank sharing)."""
+"""The experts (fused gate|up and down grouped matmuls, SwiGLU between) against the SwiGLU
+definition written out per slot (an independent path: one plain matmul chain per expert,
+component sharing and the low-rank delta applied from their definitions), forward and every
+gradient, for every sharing mode and counts with empty experts. CPU in float64 (exact up to
+rounding); on a GPU (marked ``gpu``) the bf16 fast path against the float64 reference, the
+number of grouped matmuls one layer makes (2 per direction, 6 with low-rank sharing) and
+that its SwiGLU took the Triton kernel."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels.mlp
 from kernels.routing import grouped
 from mhc.config import FFNConfig
 from mhc.experts import Experts
 
 G, C, D, FH, R = 2, 3, 16, 8, 4
-CALLS_PER_FORWARD = {"none": 3, "base": 3, "lowrank": 7}
+CALLS_PER_FORWARD = {"none": 2, "base": 2, "lowrank": 6}
 
 
 def _experts(sharing: str, dtype=torch.float64) -> Experts:
@@ -39,7 +41,7 @@ def reference(ex: Experts, x_ND: torch.Tensor, counts_P: torch.Tensor) -> torch.
         rows = x_ND[start:start + n]
         start += n
         i = p // G if shared else p
-        wg, wu = ex.w_gate_PDF[i], ex.w_up_PDF[i]
+        wg, wu = ex.w_gate_up_PDH[i].chunk(2, dim=-1)
         if ex.cfg.sharing == "lowrank":
             wg = wg + ex.a_gate_PDr[p] @ ex.b_gate_PrF[p]
             wu = wu + ex.a_up_PDr[p] @ ex.b_up_PrF[p]
@@ -72,7 +74,7 @@ def test_fused_experts_equal_the_definition(sharing):
     got, want = _grads(ex, x, y, dy), _grads(ex, x, ref, dy)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-12, msg=name)
-    assert ex.w_gate_PDF.shape[0] == (G * C if sharing == "none" else C)
+    assert ex.w_gate_up_PDH.shape[0] == (G * C if sharing == "none" else C)
 
 
 @pytest.mark.gpu
@@ -84,11 +86,13 @@ def test_fused_experts_fast_path_on_gpu(sharing):
     x64, counts = _inputs("cuda", torch.float64)
     x = x64.detach().bfloat16().requires_grad_()
     grouped.CALLS.clear()
+    kernels.mlp.CALLS.clear()
     y = ex(x, counts)
     dy = torch.randn_like(y)
     got = _grads(ex, x, y, dy)
     n = CALLS_PER_FORWARD[sharing]
     assert grouped.CALLS == {"fast": n, "fast_backward": n}, grouped.CALLS
+    assert kernels.mlp.CALLS == {"triton": 1}, kernels.mlp.CALLS
     ref = reference(exact, x64, counts)
     want = _grads(exact, x64, ref, dy.double())
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import kernels
+import kernels.mlp
 from kernels.routing import grouped
 from mhc.config import FFN_KINDS, FFNConfig, ModelConfig
 from mhc.model import MHCModel
@@ -29,7 +30,7 @@ pytestmark = [pytest.mark.gpu,
 
 CASES = [(kind, "none") for kind in FFN_KINDS] + [
     ("hierarchical", "base"), ("hierarchical", "lowrank"), ("progressive", "lowrank")]
-MATMULS = {"none": 3, "base": 3, "lowrank": 7}  # grouped matmuls per MoE layer forward
+MATMULS = {"none": 2, "base": 2, "lowrank": 6}  # grouped matmuls per MoE layer forward
 
 
 def gpu_model(kind: str, sharing: str = "none") -> MHCModel:
@@ -69,9 +70,12 @@ def test_autocast_step_takes_the_fast_path(kind, sharing):
     x, y, labels = batch()
     forward_backward(model, x, y, labels)
     grouped.CALLS.clear()
+    kernels.mlp.CALLS.clear()
     model.zero_grad(set_to_none=True)
     out = forward_backward(model, x, y, labels)
     n = 0 if kind == "dense" else model.cfg.n_layers * MATMULS[sharing]
+    # every FFN's SwiGLU (experts and the dense baseline) takes the Triton kernel
+    assert kernels.mlp.CALLS == {"triton": model.cfg.n_layers}, kernels.mlp.CALLS
     assert grouped.CALLS["loop"] == 0 and grouped.CALLS["loop_backward"] == 0, grouped.CALLS
     assert grouped.CALLS["fast"] == n and grouped.CALLS["fast_backward"] == n, grouped.CALLS
     assert torch.isfinite(out.loss)

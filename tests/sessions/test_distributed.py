@@ -292,8 +292,7 @@ def test_expert_parallel_layer_equals_the_replicated_layer(runs):
     seen = [r["experts"] for r in runs["ranks"]]
     assert [e["local_slots"] for e in seen] == [[0, 1, 2], [3, 4, 5]]
     for e in seen:
-        for name in ("output", "input_grad", "router_grad", "w_gate_PDF", "w_up_PDF",
-                     "w_down_PFD"):
+        for name in ("output", "input_grad", "router_grad", "w_gate_up_PDH", "w_down_PFD"):
             assert e[name] <= 1e-6, (name, e[name])
     with pytest.raises(ValueError, match="6 experts do not divide over 4 ranks"):
         ExpertPlacement(6, 4)

@@ -104,6 +104,60 @@ def test_checkpoint_step_mismatch_is_detected(tmp_path):
         checkpoint.load(tmp_path, MHCModel(run.model))
 
 
+def _split_gate_up(weights: Path) -> None:
+    """Rewrite a checkpoint's weights in the layout of before the gate/up fusion."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(weights), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    renames = {".w_gate_up_PDH": (".w_gate_PDF", ".w_up_PDF"), ".w_gate_up": (".w_gate", ".w_up")}
+    for name in list(tensors):
+        for new, (gate, up) in renames.items():
+            if name.endswith(new):
+                g, u = tensors.pop(name).chunk(2, dim=-1)
+                stem = name[: -len(new)]
+                tensors[stem + gate], tensors[stem + up] = g.contiguous(), u.contiguous()
+    save_file(tensors, str(weights), metadata=meta)
+
+
+@pytest.mark.parametrize("kind", ["hierarchical", "dense"])
+def test_checkpoint_with_split_gate_up_weights_loads(tmp_path, kind):
+    run = _run(tmp_path, "a", 2, [f"model.ffn.kind={kind}",
+                                  f"model.ffn.bias_balancing={kind != 'dense'}"])
+    train(run, progress=False)
+    ckpt = tmp_path / "a" / "checkpoint"
+    want = MHCModel(run.model)
+    checkpoint.load(ckpt, want)
+    _split_gate_up(ckpt / "model.safetensors")
+    got = MHCModel(run.model)
+    checkpoint.load(ckpt, got)
+    fused = [k for k in want.state_dict() if ".w_gate_up" in k]
+    assert len(fused) == run.model.n_layers
+    for (name, x), (_, y) in zip(want.state_dict().items(), got.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    model = MHCModel(run.model)
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(checkpoint.CheckpointError, match="cannot resume"):
+        checkpoint.load(ckpt, model, opt)
+
+
+def test_checkpoint_with_half_a_split_gate_up_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run = _run(tmp_path, "a", 2)
+    train(run, progress=False)
+    weights = tmp_path / "a" / "checkpoint" / "model.safetensors"
+    _split_gate_up(weights)
+    with safe_open(str(weights), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    del tensors[next(k for k in tensors if k.endswith(".w_up_PDF"))]
+    save_file(tensors, str(weights), metadata=meta)
+    with pytest.raises(checkpoint.CheckpointError, match="do not match"):
+        checkpoint.load(tmp_path / "a" / "checkpoint", MHCModel(run.model))
+
+
 def test_cli_train_and_eval_debug(tmp_path, capsys):
     out = tmp_path / "cli"
     assert cli.main(["train", "debug", "train.steps=3", "--out", str(out), "--quiet",
