@@ -71,12 +71,14 @@ def _train(copies: bool, steps=5):
     return model, opt, [_step(model, opt, s) for s in range(steps)]
 
 
-def test_copies_train_like_torch_adamw():
-    # Two steps: the paths differ by fp32 rounding in AdamW (~1e-7). Later a weight whose
-    # bf16 rounding flips moves a routing decision and the runs drift apart (bf16 training
-    # is chaotic: 1e-4 after 3 steps, 1e-2 after 5, both paths alike).
-    ours, opt, ours_log = _train(True, steps=2)
-    plain, plain_opt, plain_log = _train(False, steps=2)
+@pytest.mark.parametrize("steps,bound", [(1, 1e-6), (2, 2e-5)])
+def test_copies_train_like_torch_adamw(steps, bound):
+    # After one step the paths differ by fp32 rounding in AdamW (~1e-7). From the second on,
+    # a copy whose bf16 rounding flipped (masters ~1e-7 apart straddle a bf16 boundary) gives
+    # that expert another gradient: ~5e-6 after two steps here, and bf16 training is chaotic
+    # after that (1e-4 after 3 steps, 1e-2 after 5, both paths alike).
+    ours, opt, ours_log = _train(True, steps=steps)
+    plain, plain_opt, plain_log = _train(False, steps=steps)
     assert ours_log[0][0] == plain_log[0][0]  # the first forward is the same numbers
     for (la, na), (lb, nb) in zip(ours_log, plain_log, strict=True):
         assert la == pytest.approx(lb, rel=1e-6)
@@ -86,7 +88,7 @@ def test_copies_train_like_torch_adamw():
     for (name, p), q, p0 in zip(ours.named_parameters(), plain.parameters(),
                                 _model().parameters(), strict=True):
         rel = _rel(p, q)
-        assert rel < 1e-6, (name, rel)
+        assert rel < bound, (name, rel)
         moved = max(moved, _rel(q, p0))
     assert moved > 1e-2  # training changed the weights: the comparison is not of two inits
     for p in _expert_weights(ours):  # the copies are the masters, rounded
