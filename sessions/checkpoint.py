@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import save_file, save_model
 
 from mhc import presets
 from mhc.config import RunConfig
@@ -103,55 +104,122 @@ def weights_file(folder: Path) -> tuple[Path, int]:
 
 
 # Before the FFNs fused their gate and up projections into one weight ([gate | up] along the
-# last dim), checkpoints held the two halves: (gate name, up name) -> fused name.
-_SPLIT_GATE_UP = {(".w_gate_PDF", ".w_up_PDF"): ".w_gate_up_PDH",
-                  (".w_gate", ".w_up"): ".w_gate_up"}
+# last dim), checkpoints held the two halves: fused name -> (gate name, up name).
+_SPLIT_GATE_UP = {".w_gate_up_PDH": (".w_gate_PDF", ".w_up_PDF"),
+                  ".w_gate_up": (".w_gate", ".w_up")}
 
 
-def _fused_gate_up(folder: Path, weights: Path, model: torch.nn.Module, missing: list[str],
-                   unexpected: list[str]) -> bool:
-    """Load the split gate/up weights of an older checkpoint into the fused ones; True when
-    that accounts for every missing and unexpected name (the model is then fully loaded)."""
-    fused, used = {}, set()
+@dataclass(frozen=True)
+class WeightPlan:
+    """Where each tensor of a model lies in a checkpoint's ``model.safetensors``. It is made
+    from the file's header alone, so a mismatch is reported before anything is loaded."""
+
+    path: Path
+    step: int
+    # model name -> (its file name, or the (gate, up) halves it was saved as; rows of dim 0)
+    sources: dict[str, tuple[tuple[str, ...], slice | None]]
+    split: bool  # some weight is read from halves saved before the gate/up fusion
+
+    def load_into(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad(), safe_open(str(self.path), framework="pt") as f:
+            for name, (files, rows) in self.sources.items():
+                parts = [f.get_slice(n)[rows] if rows else f.get_tensor(n) for n in files]
+                state[name].copy_(parts[0] if len(parts) == 1 else torch.cat(parts, -1))
+
+
+def _as_saved(name: str, t: torch.Tensor) -> tuple[str, tuple[int, ...], slice | None]:
+    return name, tuple(t.shape), None
+
+
+def plan_weights(folder: Path, state: dict[str, torch.Tensor], as_saved=_as_saved) -> WeightPlan:
+    """Match a model's ``state`` to a checkpoint's weights. ``as_saved(name, tensor)`` gives
+    the name and shape the file holds the tensor under and the rows of it that are the
+    tensor (an expert-parallel rank's slice), or None for all. Tensors that share storage
+    (tied weights) are saved once, under any of their names. Raises ``CheckpointError``
+    naming every missing, unexpected or misshapen weight."""
+    weights, step = weights_file(folder)
     with safe_open(str(weights), framework="pt") as f:
-        for (gate, up), new in _SPLIT_GATE_UP.items():
-            for name in missing:
-                if name.endswith(new):
-                    stem = name[: -len(new)]
-                    pair = (stem + gate, stem + up)
-                    if all(p in unexpected for p in pair):
-                        fused[name] = torch.cat([f.get_tensor(p) for p in pair], -1)
-                        used.update(pair)
-    if set(fused) != set(missing) or used != set(unexpected):
-        return False
-    state = model.state_dict()
-    with torch.no_grad():
-        for name, t in fused.items():
-            if t.shape != state[name].shape:
-                raise CheckpointError(f"{folder}: {name} is {tuple(state[name].shape)} in the "
-                                      f"model, its split halves make {tuple(t.shape)}")
-            state[name].copy_(t)
-    return True
+        shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+    tied: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape)) if t.data_ptr() else (name,)
+        tied.setdefault(key, []).append(name)
+    sources, used, missing, misshapen = {}, set(), [], []
+    for names in tied.values():
+        for name in names:
+            saved, shape, rows = as_saved(name, state[name])
+            files = (saved,) if saved in shapes else _split_halves(saved, shapes)
+            if files:
+                break
+        else:
+            missing.append(names[0])
+            continue
+        found = [shapes[n] for n in files]
+        if len(found) == 2 and found[0][:-1] == found[1][:-1]:  # [gate | up]
+            found = [found[0][:-1] + (found[0][-1] + found[1][-1],)]
+        if found != [shape]:
+            misshapen.append(f"{' + '.join(files)} is {' + '.join(map(str, found))} in the "
+                             f"file, {shape} in the model")
+        sources[name] = (files, rows)
+        used.update(files)
+    unexpected = sorted(set(shapes) - used)
+    if missing or unexpected or misshapen:
+        raise CheckpointError(f"{folder}: weights do not match the model (missing {missing}, "
+                              f"unexpected {unexpected}, shapes {misshapen}); nothing loaded")
+    split = any(len(files) == 2 for files, _ in sources.values())
+    return WeightPlan(weights, step, sources, split)
+
+
+def _split_halves(saved: str, shapes: dict) -> tuple[str, ...]:
+    """The (gate, up) names a fused weight ``saved`` had before the fusion, where the file
+    holds both; else ()."""
+    for new, (gate, up) in _SPLIT_GATE_UP.items():
+        if saved.endswith(new):
+            halves = (saved[: -len(new)] + gate, saved[: -len(new)] + up)
+            if all(h in shapes for h in halves):
+                return halves
+    return ()
+
+
+def check_optimizer_state(folder: Path, saved: dict, optimizer: torch.optim.Optimizer,
+                          shapes: list[tuple[int, ...]] | None = None) -> None:
+    """Refuse (``CheckpointError``) optimizer state that does not fit ``optimizer``: another
+    parameter grouping, or a moment of another shape than its parameter (``shapes``: the
+    parameters' shapes, in group order, as the state holds them)."""
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    if [len(g["params"]) for g in saved["param_groups"]] != sizes:
+        raise CheckpointError(f"{folder}: optimizer state has parameter groups of sizes "
+                              f"{[len(g['params']) for g in saved['param_groups']]}, this "
+                              f"optimizer {sizes}; nothing loaded")
+    if shapes is None:
+        shapes = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"]]
+    for i, slots in saved["state"].items():
+        for key, v in slots.items():
+            if torch.is_tensor(v) and v.dim() and tuple(v.shape) != shapes[i]:
+                raise CheckpointError(f"{folder}: optimizer state {i}.{key} is "
+                                      f"{tuple(v.shape)}, its parameter {shapes[i]}; "
+                                      "nothing loaded")
 
 
 def load(folder: Path, model: torch.nn.Module,
          optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Load weights (and optimizer state) in place; returns the step. Weights saved before
-    the gate/up fusion load too; their optimizer state does not (another parameter list)."""
-    weights, step = weights_file(folder)
-    missing, unexpected = load_model(model, str(weights), strict=False)
-    if missing or unexpected:
-        if not _fused_gate_up(folder, weights, model, missing, unexpected):
-            raise CheckpointError(f"{folder}: weights do not match the model "
-                                  f"(missing {missing}, unexpected {unexpected})")
-        if optimizer is not None:
+    """Load weights (and optimizer state) in place; returns the step. Everything is checked
+    before anything changes: a refused checkpoint leaves the model and optimizer as they
+    were. Weights saved before the gate/up fusion load too; their optimizer state does not
+    (another parameter list)."""
+    state = model.state_dict()
+    plan = plan_weights(folder, state)
+    if optimizer is not None:
+        if plan.split:
             raise CheckpointError(
                 f"{folder}: written before the FFNs fused their gate and up weights; its "
                 "weights load (evaluation, queries), but its optimizer state holds them as two "
                 "parameters and cannot resume this run")
-    if optimizer is not None:
-        optimizer.load_state_dict(load_optimizer_state(folder))
-    return step
+        saved = load_optimizer_state(folder)
+        check_optimizer_state(folder, saved, optimizer)
+        optimizer.load_state_dict(saved)
+    plan.load_into(state)
+    return plan.step
 
 
 def load_optimizer_state(folder: Path) -> dict:

@@ -183,33 +183,35 @@ class PlacedExperts:
         return weights, state
 
     def load(self, folder: Path, model: nn.Module, optimizer) -> int:
-        """A checkpoint (saved on any world size) into this rank's slice; returns the step."""
-        from safetensors import safe_open
-
+        """A checkpoint (saved on any world size) into this rank's slice; returns the step.
+        Checked whole before anything changes (``checkpoint.plan_weights``)."""
         from sessions import checkpoint
 
-        path, step = checkpoint.weights_file(folder)
-        lo, hi = self.slots.start, self.slots.stop
-        state, loaded = model.state_dict(), set()
-        with torch.no_grad(), safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            for name, t in state.items():
-                src = self.full_name(name)
-                if src in keys:  # a tied weight is stored once, under one of its names
-                    t.copy_(f.get_slice(src)[lo:hi] if name in self.params else f.get_tensor(src))
-                    loaded.add(t.data_ptr())
-        missing = [n for n, t in state.items() if t.data_ptr() not in loaded]
-        if missing:
-            raise checkpoint.CheckpointError(f"{folder}: weights do not match the model "
-                                             f"(missing {missing})")
+        n, rows = self.ep.placement.n_slots, slice(self.slots.start, self.slots.stop)
+
+        def as_saved(name: str, t: torch.Tensor):
+            if name in self.params:  # this rank's rows of the full expert weight
+                return self.full_name(name), (n, *t.shape[1:]), rows
+            return self.full_name(name), tuple(t.shape), None
+
+        state = model.state_dict()
+        plan = checkpoint.plan_weights(folder, state, as_saved)
+        if plan.split:
+            raise checkpoint.CheckpointError(
+                f"{folder}: written before the FFNs fused their gate and up weights; expert "
+                "parallelism resumes only checkpoints of the fused layout")
         saved = checkpoint.load_optimizer_state(folder)
         order = [p for g in optimizer.param_groups for p in g["params"]]
         local = {id(p) for p in self.params.values()}
+        checkpoint.check_optimizer_state(
+            folder, saved, optimizer,
+            [(n, *p.shape[1:]) if id(p) in local else tuple(p.shape) for p in order])
         for i, slots in saved["state"].items():
             if id(order[i]) in local:
-                saved["state"][i] = {k: v[lo:hi] if v.dim() else v for k, v in slots.items()}
+                saved["state"][i] = {k: v[rows] if v.dim() else v for k, v in slots.items()}
         optimizer.load_state_dict(saved)
-        return step
+        plan.load_into(state)
+        return plan.step
 
 
 def _mean_over_ranks(p: torch.Tensor) -> None:

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mhc import presets
 from mhc.model import MHCModel
 from sessions import checkpoint, cli, data, synthetic
 from sessions.experiment import load_experiment
 from sessions.objectives import EpisodeObjective
+from sessions.optimizer import make_optimizer
 from sessions.pipeline import build_model, train_backbone, train_model
 from sessions.runs import read_jsonl
 from sessions.trainer import plan_steps
@@ -156,6 +159,65 @@ def test_checkpoint_with_half_a_split_gate_up_is_refused(tmp_path):
     save_file(tensors, str(weights), metadata=meta)
     with pytest.raises(checkpoint.CheckpointError, match="do not match"):
         checkpoint.load(tmp_path / "a" / "checkpoint", MHCModel(run.model))
+
+
+@pytest.fixture(scope="module")
+def trained_debug(tmp_path_factory):
+    """A two-step debug run's checkpoint (read-only: tests corrupt copies of it)."""
+    root = tmp_path_factory.mktemp("trained")
+    run = _run(root, "a", 2)
+    train(run, progress=False)
+    return run, root / "a" / "checkpoint"
+
+
+def _corrupt(ckpt: Path, how: str, pick: int) -> None:
+    """Damage a checkpoint copy in one of the ways a user's folder can be wrong."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    target = ckpt / ("optimizer.safetensors" if how.startswith("optimizer") else
+                     "model.safetensors")
+    with safe_open(str(target), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    names = sorted(k for k, v in tensors.items() if v.dim())
+    name = names[pick % len(names)]
+    if how in ("weight missing", "optimizer group short"):
+        del tensors[name]
+        if how == "optimizer group short":  # the saved groups list one parameter fewer
+            groups = json.loads(meta["param_groups"])
+            groups[0]["params"] = groups[0]["params"][:-1]
+            meta["param_groups"] = json.dumps(groups)
+    elif how == "weight unexpected":
+        tensors["blocks.99.extra"] = tensors[name].clone()
+    else:  # "weight misshapen", "optimizer moment misshapen": one row fewer
+        tensors[name] = tensors[name][:-1].clone() if tensors[name].shape[0] > 1 else \
+            torch.cat([tensors[name]] * 2)
+    save_file(tensors, str(target), metadata=meta)
+
+
+@settings(max_examples=12, deadline=None)
+@given(how=st.sampled_from(["weight missing", "weight unexpected", "weight misshapen",
+                            "optimizer group short", "optimizer moment misshapen"]),
+       pick=st.integers(0, 10_000))
+def test_a_refused_checkpoint_changes_nothing(trained_debug, tmp_path_factory, how, pick):
+    import shutil
+
+    run, good = trained_debug
+    ckpt = tmp_path_factory.mktemp("bad") / "checkpoint"
+    shutil.copytree(good, ckpt)
+    _corrupt(ckpt, how, pick)
+    model = MHCModel(run.model)
+    opt = make_optimizer(model, run.train, torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(checkpoint.CheckpointError, match="nothing loaded"):
+        checkpoint.load(ckpt, model, opt)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), (how, k)
+    assert opt.state_dict()["state"] == {}, how
+    # the intact checkpoint loads into the same objects and does change them
+    checkpoint.load(good, model, opt)
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert len(opt.state_dict()["state"]) == len(list(model.parameters()))
 
 
 def test_cli_train_and_eval_debug(tmp_path, capsys):
