@@ -181,24 +181,48 @@ def _split_halves(saved: str, shapes: dict) -> tuple[str, ...]:
     return ()
 
 
-def check_optimizer_state(folder: Path, saved: dict, optimizer: torch.optim.Optimizer,
-                          shapes: list[tuple[int, ...]] | None = None) -> None:
-    """Refuse (``CheckpointError``) optimizer state that does not fit ``optimizer``: another
-    parameter grouping, or a moment of another shape than its parameter (``shapes``: the
-    parameters' shapes, in group order, as the state holds them)."""
+def _moment_keys(optimizer: torch.optim.Optimizer) -> set[str]:
+    """The per-parameter state an Adam-family optimizer needs to resume (others: none
+    required)."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return set()
+    amsgrad = any(g.get("amsgrad") for g in optimizer.param_groups)
+    return {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad else set())
+
+
+def fit_optimizer_state(folder: Path, saved: dict, optimizer: torch.optim.Optimizer,
+                        shapes: list[tuple[int, ...]] | None = None) -> dict:
+    """``saved`` renumbered to its parameters' positions in group order (torch.optim's own
+    matching, through the ids each saved group lists), or ``CheckpointError`` where it does
+    not fit ``optimizer``: another grouping, state for a parameter no group lists, a missing
+    moment (Adam family), or a moment of another shape than its parameter. ``shapes``: the
+    parameters' shapes in group order as the state holds them (default: the optimizer's)."""
+    def refuse(why: str):
+        raise CheckpointError(f"{folder}: optimizer state {why}; nothing loaded")
+
     sizes = [len(g["params"]) for g in optimizer.param_groups]
-    if [len(g["params"]) for g in saved["param_groups"]] != sizes:
-        raise CheckpointError(f"{folder}: optimizer state has parameter groups of sizes "
-                              f"{[len(g['params']) for g in saved['param_groups']]}, this "
-                              f"optimizer {sizes}; nothing loaded")
+    found = [len(g["params"]) for g in saved["param_groups"]]
+    if found != sizes:
+        refuse(f"has parameter groups of sizes {found}, this optimizer {sizes}")
     if shapes is None:
         shapes = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in saved["param_groups"] for i in g["params"]]
+    if len(set(ids)) != len(ids):
+        refuse("lists a parameter id in more than one place")
+    position = {i: n for n, i in enumerate(ids)}
+    needed, state = _moment_keys(optimizer), {}
     for i, slots in saved["state"].items():
+        if i not in position:
+            refuse(f"holds parameter {i}, which none of its groups lists")
+        n = position[i]
+        if needed - set(slots):
+            refuse(f"of parameter {i} lacks {sorted(needed - set(slots))}")
         for key, v in slots.items():
-            if torch.is_tensor(v) and v.dim() and tuple(v.shape) != shapes[i]:
-                raise CheckpointError(f"{folder}: optimizer state {i}.{key} is "
-                                      f"{tuple(v.shape)}, its parameter {shapes[i]}; "
-                                      "nothing loaded")
+            if key != "step" and torch.is_tensor(v) and tuple(v.shape) != shapes[n]:
+                refuse(f"{i}.{key} is {tuple(v.shape)}, its parameter {shapes[n]}")
+        state[n] = slots
+    groups = [dict(g, params=[position[i] for i in g["params"]]) for g in saved["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def load(folder: Path, model: torch.nn.Module,
@@ -215,10 +239,10 @@ def load(folder: Path, model: torch.nn.Module,
                 f"{folder}: written before the FFNs fused their gate and up weights; its "
                 "weights load (evaluation, queries), but its optimizer state holds them as two "
                 "parameters and cannot resume this run")
-        saved = load_optimizer_state(folder)
-        check_optimizer_state(folder, saved, optimizer)
+        saved = fit_optimizer_state(folder, load_optimizer_state(folder), optimizer)
+    plan.load_into(state)  # weights first: the optimizer's load cannot fail after the fit
+    if optimizer is not None:
         optimizer.load_state_dict(saved)
-    plan.load_into(state)
     return plan.step
 
 

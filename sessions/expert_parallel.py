@@ -199,18 +199,17 @@ class PlacedExperts:
         if plan.split:
             raise checkpoint.CheckpointError(
                 f"{folder}: written before the FFNs fused their gate and up weights; expert "
-                "parallelism resumes only checkpoints of the fused layout")
-        saved = checkpoint.load_optimizer_state(folder)
+                "parallelism resumes only checkpoints of the fused layout; nothing loaded")
         order = [p for g in optimizer.param_groups for p in g["params"]]
         local = {id(p) for p in self.params.values()}
-        checkpoint.check_optimizer_state(
-            folder, saved, optimizer,
+        saved = checkpoint.fit_optimizer_state(
+            folder, checkpoint.load_optimizer_state(folder), optimizer,
             [(n, *p.shape[1:]) if id(p) in local else tuple(p.shape) for p in order])
         for i, slots in saved["state"].items():
             if id(order[i]) in local:
                 saved["state"][i] = {k: v[rows] if v.dim() else v for k, v in slots.items()}
-        optimizer.load_state_dict(saved)
         plan.load_into(state)
+        optimizer.load_state_dict(saved)
         return plan.step
 
 

@@ -181,7 +181,16 @@ def _corrupt(ckpt: Path, how: str, pick: int) -> None:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     names = sorted(k for k, v in tensors.items() if v.dim())
     name = names[pick % len(names)]
-    if how in ("weight missing", "optimizer group short"):
+    if how == "optimizer moment missing":
+        moments = sorted(k for k in tensors if k.endswith(".exp_avg_sq"))
+        del tensors[moments[pick % len(moments)]]
+    elif how == "optimizer moment scalar":
+        tensors[name] = tensors[name].flatten()[0].clone()
+    elif how == "optimizer parameter unknown":  # one parameter's state under an id no group has
+        idx = name.split(".", 1)[0]
+        for k in [k for k in tensors if k.split(".", 1)[0] == idx]:
+            tensors["999." + k.split(".", 1)[1]] = tensors.pop(k)
+    elif how in ("weight missing", "optimizer group short"):
         del tensors[name]
         if how == "optimizer group short":  # the saved groups list one parameter fewer
             groups = json.loads(meta["param_groups"])
@@ -195,9 +204,11 @@ def _corrupt(ckpt: Path, how: str, pick: int) -> None:
     save_file(tensors, str(target), metadata=meta)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(how=st.sampled_from(["weight missing", "weight unexpected", "weight misshapen",
-                            "optimizer group short", "optimizer moment misshapen"]),
+                            "optimizer group short", "optimizer moment misshapen",
+                            "optimizer moment missing", "optimizer moment scalar",
+                            "optimizer parameter unknown"]),
        pick=st.integers(0, 10_000))
 def test_a_refused_checkpoint_changes_nothing(trained_debug, tmp_path_factory, how, pick):
     import shutil
@@ -218,6 +229,30 @@ def test_a_refused_checkpoint_changes_nothing(trained_debug, tmp_path_factory, h
     checkpoint.load(good, model, opt)
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert len(opt.state_dict()["state"]) == len(list(model.parameters()))
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_optimizer_state_is_matched_by_its_listed_ids(trained_debug, seed):
+    """torch.optim matches saved state to parameters through the ids the saved groups list;
+    a state dict numbered in another order fits as the one numbered in group order."""
+    import random
+
+    run, good = trained_debug
+    want = checkpoint.load_optimizer_state(good)
+    ids = [i for g in want["param_groups"] for i in g["params"]]
+    new_ids = random.Random(seed).sample(range(1000, 1000 + len(ids)), len(ids))
+    relabel = dict(zip(ids, new_ids, strict=True))
+    permuted = {"state": {relabel[i]: v for i, v in want["state"].items()},
+                "param_groups": [dict(g, params=[relabel[i] for i in g["params"]])
+                                 for g in want["param_groups"]]}
+    model = MHCModel(run.model)
+    opt = make_optimizer(model, run.train, torch.device("cpu"))
+    got = checkpoint.fit_optimizer_state(good, permuted, opt)
+    assert got["param_groups"] == want["param_groups"]
+    assert sorted(got["state"]) == sorted(want["state"]) and got["state"]
+    for i, slots in want["state"].items():
+        assert all(torch.equal(v, got["state"][i][k]) for k, v in slots.items()), i
 
 
 def test_cli_train_and_eval_debug(tmp_path, capsys):
