@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,11 +58,6 @@ def _compare(a: list[float], b: list[float]) -> dict:
     diffs = [abs(x - y) for x, y in zip(a, b, strict=True)]
     return dict(max_abs=max(diffs), mean_abs=sum(diffs) / len(diffs),
                 final_rel=abs(a[-1] - b[-1]) / abs(b[-1]))
-
-
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
 
 def replicate_pairs(curves: dict[str, list[float]]) -> dict[str, list[dict]]:
@@ -104,25 +100,24 @@ def main(argv=None) -> int:
             curves[arm] = run_backend(backend, args.preset, args.steps, Path(tmp) / arm,
                                       args.overrides)
     a, b = curves["triton"], curves["torch"]
-    diffs = [abs(x - y) for x, y in zip(a, b, strict=True)]
-    control = [abs(x - y) for x, y in zip(curves["torch_again"], b, strict=True)] \
-        if args.control else None
-    final_rel = abs(a[-1] - b[-1]) / abs(b[-1])
-    ok = max(diffs) <= MAX_ABS and final_rel <= FINAL_REL
+    first = _compare(a, b)
+    control = _compare(curves["torch_again"], b) if args.control else None
+    ok = first["max_abs"] <= MAX_ABS and first["final_rel"] <= FINAL_REL
     pairs = replicate_pairs(curves)
-    spread = {kind: {stat: _median([p[stat] for p in ps]) for stat in ("max_abs", "mean_abs")}
-              for kind, ps in pairs.items() if ps}
+    spread = {kind: {stat: statistics.median(p[stat] for p in ps)
+                     for stat in ("max_abs", "mean_abs")} for kind, ps in pairs.items() if ps}
     res = dict(preset=args.preset, overrides=args.overrides, steps=len(a),
-               max_abs_diff=max(diffs),
-               mean_abs_diff=sum(diffs) / len(diffs),
-               control_max_abs_diff=max(control) if control else None,
-               control_mean_abs_diff=sum(control) / len(control) if control else None,
-               final_triton=a[-1], final_torch=b[-1], final_rel_diff=final_rel,
+               max_abs_diff=first["max_abs"], mean_abs_diff=first["mean_abs"],
+               control_max_abs_diff=control["max_abs"] if control else None,
+               control_mean_abs_diff=control["mean_abs"] if control else None,
+               final_triton=a[-1], final_torch=b[-1], final_rel_diff=first["final_rel"],
                tolerance=dict(max_abs=MAX_ABS, final_rel=FINAL_REL), passed=ok,
                pairs=pairs, median_of_pairs=spread, environment=environment(), curves=curves)
     for i in range(0, len(a), max(1, len(a) // 10)):
-        print(f"step {i + 1:4d}: triton {a[i]:.4f}  torch {b[i]:.4f}  |d| {diffs[i]:.2e}"
-              + (f"  torch again |d| {control[i]:.2e}" if control else ""))
+        again = f"  torch again |d| {abs(curves['torch_again'][i] - b[i]):.2e}" \
+            if args.control else ""
+        print(f"step {i + 1:4d}: triton {a[i]:.4f}  torch {b[i]:.4f}  "
+              f"|d| {abs(a[i] - b[i]):.2e}{again}")
     if len(pairs["cross"]) > 1:
         print(f"{'pairs':<8} {'n':>3} {'median max|d|':>14} {'median mean|d|':>15} "
               f"{'worst final rel':>16}")

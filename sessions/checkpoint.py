@@ -120,6 +120,15 @@ class WeightPlan:
     sources: dict[str, tuple[tuple[str, ...], slice | None]]
     split: bool  # some weight is read from halves saved before the gate/up fusion
 
+    def require_fused(self, folder: Path) -> None:
+        """Refuse to resume (weights and optimizer state) from halves saved before the fusion:
+        the optimizer state holds them as two parameters."""
+        if self.split:
+            raise CheckpointError(
+                f"{folder}: written before the FFNs fused their gate and up weights; its "
+                "weights load (evaluation, queries), but its optimizer state holds them as two "
+                "parameters and cannot resume this run; nothing loaded")
+
     def load_into(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad(), safe_open(str(self.path), framework="pt") as f:
             for name, (files, rows) in self.sources.items():
@@ -234,11 +243,7 @@ def load(folder: Path, model: torch.nn.Module,
     state = model.state_dict()
     plan = plan_weights(folder, state)
     if optimizer is not None:
-        if plan.split:
-            raise CheckpointError(
-                f"{folder}: written before the FFNs fused their gate and up weights; its "
-                "weights load (evaluation, queries), but its optimizer state holds them as two "
-                "parameters and cannot resume this run")
+        plan.require_fused(folder)
         saved = fit_optimizer_state(folder, load_optimizer_state(folder), optimizer)
     plan.load_into(state)  # weights first: the optimizer's load cannot fail after the fit
     if optimizer is not None:

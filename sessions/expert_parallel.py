@@ -196,10 +196,7 @@ class PlacedExperts:
 
         state = model.state_dict()
         plan = checkpoint.plan_weights(folder, state, as_saved)
-        if plan.split:
-            raise checkpoint.CheckpointError(
-                f"{folder}: written before the FFNs fused their gate and up weights; expert "
-                "parallelism resumes only checkpoints of the fused layout; nothing loaded")
+        plan.require_fused(folder)
         order = [p for g in optimizer.param_groups for p in g["params"]]
         local = {id(p) for p in self.params.values()}
         saved = checkpoint.fit_optimizer_state(
